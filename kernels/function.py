@@ -1,0 +1,111 @@
+"""NSA attention through the Triton kernels: autograd.Function and the public entry point.
+
+Forward: compressed attention (-> lse) -> block scores + top-n -> selected attention ->
+sliding window -> gated sum. Backward: the gate/delta pass, then each branch's dQ and dK/dV
+kernels adding into fp32 accumulators (dQ shared by the three branches; dK/dV shared by the
+selected and window branches when they use the same keys). See README.md for the maths.
+"""
+from __future__ import annotations
+
+import torch
+
+from .combine import combine_bwd, combine_fwd
+from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
+from .layout import compressed_cu_seqlens
+from .selected import selected_attention_bwd, selected_attention_fwd
+from .selection import select_blocks_triton
+from .varlen import Varlen
+
+
+def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
+    layout = Varlen.build(cu_seqlens)
+    kc_cu = compressed_cu_seqlens(cu_seqlens, hp["cmp_block"], hp["cmp_stride"])
+    o_cmp, lse_cmp = dense_attention_fwd(q, k_cmp, v_cmp, layout, kc_cu, key_stride=hp["cmp_stride"],
+                                         key_offset=hp["cmp_block"] - 1, window=0, scale=scale)
+    blocks = select_blocks_triton(q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=hp["cmp_block"],
+                                  cmp_stride=hp["cmp_stride"], slc_block=hp["slc_block"],
+                                  topk=hp["topk"], init_blocks=hp["init_blocks"],
+                                  local_blocks=hp["local_blocks"], scale=scale)
+    o_slc, lse_slc = selected_attention_fwd(q, k, v, blocks, layout, cu_seqlens,
+                                            slc_block=hp["slc_block"], scale=scale)
+    o_win, lse_win = dense_attention_fwd(q, k_win, v_win, layout, cu_seqlens, key_stride=1,
+                                         key_offset=0, window=hp["window"], scale=scale)
+    o = combine_fwd(o_cmp, o_slc, o_win, gates)
+    return o, blocks, layout, kc_cu, (o_cmp, o_slc, o_win), (lse_cmp, lse_slc, lse_win)
+
+
+class NSATritonFunction(torch.autograd.Function):
+    """(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale) -> (o, blocks).
+
+    ``k_win``/``v_win`` may be the same tensors as ``k``/``v`` (shared branch keys); all
+    tensors contiguous; ``blocks`` is non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
+        o, blocks, layout, kc_cu, outs, lses = _forward(q, k, v, k_cmp, v_cmp, gates, k_win,
+                                                        v_win, cu_seqlens, hp, scale)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, kc_cu,
+                              blocks, *outs, *lses)
+        ctx.layout, ctx.hp, ctx.scale = layout, hp, scale
+        ctx.shared_win = hp["shared_win"]
+        ctx.mark_non_differentiable(blocks)
+        return o, blocks
+
+    @staticmethod
+    def backward(ctx, do, _unused):
+        (q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu, kc_cu, blocks, o_cmp, o_slc, o_win,
+         lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
+        hp, scale, layout = ctx.hp, ctx.scale, ctx.layout
+        do = do.contiguous()
+        dgates, delta = combine_bwd(do, o_cmp, o_slc, o_win, gates)
+        dq, dkc, dvc = dense_attention_bwd(
+            q, k_cmp, v_cmp, do, lse_cmp, delta[0], layout, kc_cu, key_stride=hp["cmp_stride"],
+            key_offset=hp["cmp_block"] - 1, window=0, scale=scale, gate=gates[:, :, 0])
+        _, dk, dv = selected_attention_bwd(
+            q, k, v, do, lse_slc, delta[1], blocks, layout, cu, slc_block=hp["slc_block"],
+            scale=scale, gate=gates[:, :, 1], dq_acc=dq)
+        win_acc = (dk, dv) if ctx.shared_win else (None, None)
+        _, dkw, dvw = dense_attention_bwd(
+            q, k_win, v_win, do, lse_win, delta[2], layout, cu, key_stride=1, key_offset=0,
+            window=hp["window"], scale=scale, gate=gates[:, :, 2], dq_acc=dq,
+            dk_acc=win_acc[0], dv_acc=win_acc[1])
+        grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype),
+                 dvc.to(v_cmp.dtype), dgates]
+        if ctx.shared_win:
+            grads += [None, None]
+        else:
+            grads += [dkw.to(k_win.dtype), dvw.to(v_win.dtype)]
+        return (*grads, None, None, None)
+
+
+def nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens, *, cmp_block: int,
+                         cmp_stride: int, slc_block: int, topk: int, window: int,
+                         init_blocks: int, local_blocks: int, scale: float, k_win=None,
+                         v_win=None, return_block_indices: bool = False):
+    """NSA attention (NSA_SPEC.md) on the Triton kernels; inputs already validated.
+
+    Args:
+        q: [T, HQ, Dqk]; k, v: [T, HKV, Dqk], [T, HKV, Dv] (selection branch);
+        k_cmp, v_cmp: [Tc, HKV, Dqk], [Tc, HKV, Dv] compressed tokens packed per sequence;
+        gates: [T, HQ, 3] (cmp, slc, win) in [0, 1]; cu_seqlens: int32 [N+1] on q's device
+        (None: one sequence); k_win, v_win: window-branch keys/values (None: use k, v).
+        Hyper-parameters as in the spec; ``scale`` a float. bf16 / fp16 / fp32 tensors on a
+        CUDA device, or CPU tensors under TRITON_INTERPRET=1.
+    Returns:
+        o [T, HQ, Dv] in q's dtype; with ``return_block_indices`` also int32 [T, HKV, topk].
+    """
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+    if interpreting() and any(t is not None and t.dtype == torch.bfloat16
+                              for t in (q, k, v, k_cmp, v_cmp, k_win, v_win)):
+        from .interpreter import enable_interpreter_bf16_dot
+
+        enable_interpreter_bf16_dot()
+    shared = k_win is None
+    q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
+    k_win, v_win = (k, v) if shared else (k_win.contiguous(), v_win.contiguous())
+    hp = dict(cmp_block=cmp_block, cmp_stride=cmp_stride, slc_block=slc_block, topk=topk,
+              window=window, init_blocks=init_blocks, local_blocks=local_blocks, shared_win=shared)
+    o, blocks = NSATritonFunction.apply(q, k, v, k_cmp, v_cmp, gates, k_win, v_win,
+                                        cu_seqlens.to(torch.int32).contiguous(), hp, float(scale))
+    return (o, blocks) if return_block_indices else o

@@ -1,0 +1,213 @@
+"""Selection: block scores from the compressed branch's probabilities, then top-n blocks.
+
+Scores (spec "Selection" 1-3): s[t,g,j] = sum_{h in g} sum_i p[t,h,i] * overlap(i,j) / d.
+Compressed token i starts in block jA = floor(i*d / l') and, since l <= l', reaches at
+most block jA + 1. The score kernel therefore walks selection blocks in chunks of BJ and
+gathers for each block its own R = l'/d compressed tokens; it writes two fp32 partials:
+``A[t,g,j]`` (weights of tokens starting in j) and ``B[t,g,j+1]`` (their spill into j+1),
+each entry written exactly once, so s[j] = A[j] + B[j] (B[0] = 0) with no atomics and
+no read-after-write inside a kernel. The top-n kernel adds them, forces the initial and
+local blocks, and picks the rest by repeated arg-max (ties to the lower j).
+Queries are processed in chunks so A and B stay under ``budget_bytes``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dense import LOG2E, interpreting
+from .varlen import new_empty, Varlen, next_pow2
+
+
+@triton.jit
+def _block_scores(Q, KC, LSE, SA, SB, TILES, Q_CU, Q_POS0, KC_CU, qk_scale, HQ, HKV, row_base,
+                  NB_STRIDE, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                  DQK: tl.constexpr, DQK_P: tl.constexpr, CSTRIDE: tl.constexpr,
+                  CBLOCK: tl.constexpr, SBLOCK: tl.constexpr, RPB: tl.constexpr,
+                  RPB_P: tl.constexpr, BJ: tl.constexpr):
+    tile = tl.program_id(0)
+    g = tl.program_id(1)
+    seq = tl.load(TILES + 2 * tile)
+    t0 = tl.load(TILES + 2 * tile + 1)
+    q_beg = tl.load(Q_CU + seq)
+    q_len = tl.load(Q_CU + seq + 1) - q_beg
+    pos0 = tl.load(Q_POS0 + seq)
+    kc_beg = tl.load(KC_CU + seq)
+    kc_len = tl.load(KC_CU + seq + 1) - kc_beg
+
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    tok = t0 + r // G_PAD
+    hh = r % G_PAD
+    row_ok = (tok < q_len) & (hh < G)
+    pos = pos0 + tok
+    qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
+    dq = tl.arange(0, DQK_P)
+    q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
+                mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+    lse = tl.load(LSE + qrow, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    pos_max = pos0 + tl.minimum(t0 + BLOCK_T, q_len) - 1
+    nblk = pos_max // SBLOCK + 1
+    hi_c = tl.where(pos_max >= CBLOCK - 1, (pos_max - CBLOCK + 1) // CSTRIDE + 1, 0)
+    hi_c = tl.minimum(hi_c, kc_len)
+
+    e = tl.arange(0, BJ * RPB_P)
+    jj = e // RPB_P
+    rr = e % RPB_P
+    tk = t0 + tl.arange(0, BLOCK_T)
+    out_row = (q_beg + tk - row_base).to(tl.int64) * HKV + g
+    tk_ok = tk < q_len
+    jb = tl.arange(0, BJ)
+    for j0 in range(0, nblk, BJ):
+        i = (j0 + jj) * RPB + rr
+        i_ok = (rr < RPB) & (i < hi_c)
+        krow = (kc_beg + i).to(tl.int64) * HKV + g
+        kc = tl.load(KC + krow[:, None] * DQK + dq[None, :],
+                     mask=i_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+        qk = tl.dot(q, tl.trans(kc)) * qk_scale
+        vis = row_ok[:, None] & i_ok[None, :] & (i * CSTRIDE + CBLOCK - 1 <= pos[:, None])
+        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
+        ps = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BJ * RPB_P)), axis=1)
+        start = i * CSTRIDE
+        blk_end = (j0 + jj + 1) * SBLOCK
+        w_lo = (tl.minimum(start + CBLOCK, blk_end) - start).to(tl.float32) / CSTRIDE
+        w_hi = tl.maximum(start + CBLOCK - blk_end, 0).to(tl.float32) / CSTRIDE
+        a = tl.sum(tl.reshape(ps * w_lo[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
+        b = tl.sum(tl.reshape(ps * w_hi[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
+        j = j0 + jb
+        tl.store(SA + out_row[:, None] * NB_STRIDE + j[None, :], a,
+                 mask=tk_ok[:, None] & (j[None, :] < nblk))
+        tl.store(SB + out_row[:, None] * NB_STRIDE + j[None, :] + 1, b,
+                 mask=tk_ok[:, None] & (j[None, :] + 1 < nblk))
+
+
+@triton.jit
+def _top_blocks(SA, SB, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
+                SBLOCK: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr,
+                INIT: tl.constexpr, LOCAL: tl.constexpr, ROWS: tl.constexpr,
+                NB_P: tl.constexpr):
+    g = tl.program_id(1)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < n_rows
+    pos = tl.load(ROWPOS + row_base + rows, mask=r_ok, other=0)
+    cur = pos // SBLOCK
+    j = tl.arange(0, NB_P)
+    vis = r_ok[:, None] & (j[None, :] <= cur[:, None])
+    base = (rows.to(tl.int64) * HKV + g) * NB_STRIDE
+    a = tl.load(SA + base[:, None] + j[None, :], mask=vis, other=0.0)
+    b = tl.load(SB + base[:, None] + j[None, :], mask=vis & (j[None, :] > 0), other=0.0)
+    forced = vis & ((j[None, :] < INIT) | (j[None, :] > cur[:, None] - LOCAL))
+    key = tl.where(forced, float("inf"), tl.where(vis, a + b, -1.0))
+    sel = key < -10.0
+    for _ in range(NSEL):
+        best, arg = tl.max(key, 1, return_indices=True, return_indices_tie_break_left=True)
+        hit = (j[None, :] == arg[:, None]) & (best[:, None] >= 0)
+        sel = sel | hit
+        key = tl.where(j[None, :] == arg[:, None], -2.0, key)
+    sel_i = sel.to(tl.int32)
+    count = tl.sum(sel_i, 1)
+    slot = tl.cumsum(sel_i, 1) - 1
+    out = BI + ((row_base + rows).to(tl.int64) * HKV + g) * NSEL
+    tl.store(out[:, None] + slot, j[None, :] + 0 * slot, mask=sel & r_ok[:, None])
+    k = tl.arange(0, NSEL_P)
+    tl.store(out[:, None] + k[None, :], tl.full([ROWS, NSEL_P], -1, tl.int32),
+             mask=r_ok[:, None] & (k[None, :] >= count[:, None]) & (k[None, :] < NSEL))
+
+
+def _score_config(g_pad: int, rpb_p: int):
+    rows = max(128 if interpreting() else 64, g_pad)
+    bj = max(1, (128 if interpreting() else 64) // rpb_p)
+    bj = max(bj, next_pow2(-(-16 // rpb_p)))
+    return dict(BLOCK_T=max(1, rows // g_pad), BJ=bj,
+                num_warps=4 if interpreting() else (8 if rows >= 128 else 4))
+
+
+def _chunks(tiles: list, q_cu: list, block_t: int, lens: list, max_rows: int):
+    """Split the tile list into runs whose query rows span at most ``max_rows``.
+
+    Yields (first_tile, end_tile, row_begin, row_end) in global query rows."""
+    first, row_a, row_b = 0, None, None
+    for n, (seq, t0) in enumerate(tiles):
+        a = q_cu[seq] + t0
+        b = q_cu[seq] + min(t0 + block_t, lens[seq])
+        if row_a is None:
+            row_a = a
+        elif b - row_a > max_rows:
+            yield first, n, row_a, row_b
+            first, row_a = n, a
+        row_b = b
+    if row_a is not None:
+        yield first, len(tiles), row_a, row_b
+
+
+def _scores_chunks(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block, cmp_stride,
+                   slc_block, scale, budget_bytes):
+    """Run the score kernel chunk by chunk; yields (row_a, row_b, A, B, nb_stride)."""
+    T, HQ, DQK = q.shape
+    HKV = k_cmp.shape[1]
+    G = HQ // HKV
+    g_pad, dqk_p = next_pow2(G), max(16, next_pow2(DQK))
+    rpb = slc_block // cmp_stride
+    rpb_p = next_pow2(rpb)
+    cfg = _score_config(g_pad, rpb_p)
+    nb_stride = max(1, -(-layout.max_end // slc_block))
+    max_rows = max(cfg["BLOCK_T"], budget_bytes // (2 * 4 * HKV * nb_stride))
+    tiles_t = layout.tiles(cfg["BLOCK_T"])
+    tiles = tiles_t.tolist()
+    q_cu = layout.q_cu.tolist()
+    for first, end, row_a, row_b in _chunks(tiles, q_cu, cfg["BLOCK_T"], layout.lens, max_rows):
+        sa = new_empty(row_b - row_a, HKV, nb_stride, dtype=torch.float32, device=q.device)
+        sb = new_empty(*sa.shape, dtype=sa.dtype, device=sa.device)
+        _block_scores[(end - first, HKV)](
+            q, k_cmp, lse_cmp, sa, sb, tiles_t[first:end], layout.q_cu, layout.q_pos0, kc_cu,
+            scale * LOG2E, HQ, HKV, row_a, nb_stride, G=G, G_PAD=g_pad, DQK=DQK, DQK_P=dqk_p,
+            CSTRIDE=cmp_stride, CBLOCK=cmp_block, SBLOCK=slc_block, RPB=rpb, RPB_P=rpb_p, **cfg)
+        yield row_a, row_b, sa, sb, nb_stride
+
+
+def select_blocks_triton(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block: int,
+                         cmp_stride: int, slc_block: int, topk: int, init_blocks: int,
+                         local_blocks: int, scale: float, budget_bytes: int = 256 << 20):
+    """Selected blocks per (query, KV head).
+
+    Args:
+        q: [Tq, HQ, Dqk]; k_cmp: [Tc, HKV, Dqk] (split by ``kc_cu`` int32 [N+1]);
+        lse_cmp: [Tq, HQ] fp32 from the compressed branch; layout: query layout.
+    Returns:
+        int32 [Tq, HKV, topk]: ascending block indices (within the sequence), -1 padded.
+    """
+    T, HKV = q.shape[0], k_cmp.shape[1]
+    out = new_empty(T, HKV, topk, dtype=torch.int32, device=q.device)
+    if T == 0:
+        return out
+    _, row_pos = layout.row_info()
+    rows_per_prog = 4 if interpreting() else 2
+    for row_a, row_b, sa, sb, nb_stride in _scores_chunks(
+            q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=cmp_block, cmp_stride=cmp_stride,
+            slc_block=slc_block, scale=scale, budget_bytes=budget_bytes):
+        n_rows = row_b - row_a
+        _top_blocks[(triton.cdiv(n_rows, rows_per_prog), HKV)](
+            sa, sb, out, row_pos, n_rows, HKV, row_a, nb_stride, SBLOCK=slc_block, NSEL=topk,
+            NSEL_P=next_pow2(topk), INIT=init_blocks, LOCAL=local_blocks, ROWS=rows_per_prog,
+            NB_P=next_pow2(nb_stride), num_warps=4)
+    return out
+
+
+def block_scores_triton(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block: int,
+                        cmp_stride: int, slc_block: int, scale: float):
+    """Block scores [Tq, HKV, NB] fp32 (NB = ceil(max query end / l')), 0 for blocks after
+    the query's own block. For tests and inspection; selection never materialises this."""
+    T, HKV = q.shape[0], k_cmp.shape[1]
+    _, row_pos = layout.row_info()
+    nb = max(1, -(-layout.max_end // slc_block))
+    out = torch.zeros(T, HKV, nb, dtype=torch.float32, device=q.device)
+    j = torch.arange(nb, device=q.device)
+    for row_a, row_b, sa, sb, _ in _scores_chunks(
+            q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=cmp_block, cmp_stride=cmp_stride,
+            slc_block=slc_block, scale=scale, budget_bytes=256 << 20):
+        vis = (j[None, :] <= (row_pos[row_a:row_b, None].long() // slc_block))[:, None, :]
+        sb = torch.cat([torch.zeros_like(sb[..., :1]), sb[..., 1:]], dim=-1)
+        out[row_a:row_b] = torch.where(vis, sa + torch.where(vis, sb, 0.0), 0.0)
+    return out

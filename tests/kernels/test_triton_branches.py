@@ -1,0 +1,93 @@
+"""Branch launchers on part of a sequence (queries at positions [a, b) against the key prefix),
+as context parallelism and decoding call them: o and log-sum-exp of every branch, block
+scores and selection, each against the float64 reference branch functions."""
+import torch
+
+from nsa_kernels import reference as R
+from nsa_kernels.dense import dense_attention_fwd
+from nsa_kernels.layout import compressed_cu_seqlens
+from nsa_kernels.selected import selected_attention_fwd
+from nsa_kernels.selection import block_scores_triton, select_blocks_triton
+from nsa_kernels.varlen import Varlen, poisoned_outputs
+
+from .inputs import rel_err
+
+HP = dict(cmp_block=8, cmp_stride=4, slc_block=16, topk=3, window=20, init_blocks=1, local_blocks=1)
+
+
+def _check_lse(lse, ref):
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], ref[finite]) <= 1e-5
+
+
+def test_branches_on_query_chunks():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    L, hq, hkv, dqk, dv = 90, 4, 2, 24, 20
+    starts = [0, 1, 40]  # three chunks of one sequence: [0, 1), [1, 40), [40, 90)
+    ends = [1, 40, 90]
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v = rnd(L, hq, dqk), rnd(L, hkv, dqk), rnd(L, hkv, dv)
+    lc = (L - HP["cmp_block"]) // HP["cmp_stride"] + 1
+    kc, vc = rnd(lc, hkv, dqk), rnd(lc, hkv, dv)
+    scale = dqk ** -0.5
+    # pack the chunks as three "sequences" whose keys are the prefixes [0, b)
+    q_cu = torch.tensor([0] + ends, dtype=torch.int32)
+    layout = Varlen.build(q_cu.to(dev), torch.tensor(starts, dtype=torch.int32).to(dev))
+    k_pre = torch.cat([k[:b] for b in ends])
+    v_pre = torch.cat([v[:b] for b in ends])
+    k_cu = torch.tensor([0] + list(torch.tensor(ends).cumsum(0)), dtype=torch.int32)
+    ncmp = [max(0, (b - HP["cmp_block"]) // HP["cmp_stride"] + 1) for b in ends]
+    kc_pre = torch.cat([kc[:n] for n in ncmp])
+    vc_pre = torch.cat([vc[:n] for n in ncmp])
+    kc_cu = torch.tensor([0] + list(torch.tensor(ncmp).cumsum(0)), dtype=torch.int32)
+    f = lambda x: x.float().contiguous().to(dev)  # noqa: E731
+    pos = torch.arange(L)
+    ref_c, ref_lc = R.compressed_attention(q, kc, vc, pos, cmp_block=HP["cmp_block"],
+                                           cmp_stride=HP["cmp_stride"], scale=scale)
+    ref_w, ref_lw = R.window_attention(q, k, v, pos, window=HP["window"], scale=scale)
+    nb = -(-L // HP["slc_block"])
+    ref_s = R.selection_scores(q, kc, pos, ref_lc, cmp_block=HP["cmp_block"], cmp_stride=HP["cmp_stride"],
+                               slc_block=HP["slc_block"], scale=scale, num_blocks=nb)
+    ref_b = R.select_blocks(ref_s, pos, slc_block=HP["slc_block"], topk=HP["topk"],
+                            init_blocks=HP["init_blocks"], local_blocks=HP["local_blocks"])
+    ref_o, ref_ls = R.selected_attention(q, k, v, pos, ref_b, slc_block=HP["slc_block"], scale=scale)
+    with poisoned_outputs():
+        o_c, l_c = dense_attention_fwd(f(q), f(kc_pre), f(vc_pre), layout, kc_cu.to(dev),
+                                       key_stride=HP["cmp_stride"], key_offset=HP["cmp_block"] - 1,
+                                       window=0, scale=scale)
+        o_w, l_w = dense_attention_fwd(f(q), f(k_pre), f(v_pre), layout, k_cu.to(dev), key_stride=1,
+                                       key_offset=0, window=HP["window"], scale=scale)
+        sel_kw = {n: HP[n] for n in ("cmp_block", "cmp_stride", "slc_block")}
+        scores = block_scores_triton(f(q), f(kc_pre), l_c, layout, kc_cu.to(dev), scale=scale, **sel_kw)
+        blocks = select_blocks_triton(f(q), f(kc_pre), l_c, layout, kc_cu.to(dev), scale=scale,
+                                      topk=HP["topk"], init_blocks=HP["init_blocks"],
+                                      local_blocks=HP["local_blocks"], **sel_kw)
+        o_s, l_s = selected_attention_fwd(f(q), f(k_pre), f(v_pre), blocks, layout, k_cu.to(dev),
+                                          slc_block=HP["slc_block"], scale=scale)
+    assert rel_err(o_c, ref_c) <= 1e-5 and rel_err(o_w, ref_w) <= 1e-5
+    _check_lse(l_c.double().cpu(), ref_lc)
+    _check_lse(l_w.double().cpu(), ref_lw)
+    assert (scores.double().cpu() - ref_s).abs().max() <= 1e-5 * ref_s.abs().max()
+    assert torch.equal(blocks.cpu(), ref_b)
+    assert rel_err(o_s, ref_o) <= 1e-5
+    _check_lse(l_s.double().cpu(), ref_ls)
+    assert bool((o_c.cpu()[:HP["cmp_block"] - 1] == 0).all()), "no compressed token visible: o must be 0"
+
+
+def test_interpreter_bf16_dot_fix():
+    """The interpreter patch makes a bf16 kernel match fp32 within bf16 rounding."""
+    from nsa_kernels.interpreter import enable_interpreter_bf16_dot
+
+    if torch.cuda.is_available():
+        return
+    assert enable_interpreter_bf16_dot()
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(40, 2, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    lay = Varlen.build(cu)
+    kw = dict(key_stride=1, key_offset=0, window=0, scale=0.25)
+    o32, _ = dense_attention_fwd(q, k, v, lay, cu, **kw)
+    o16, _ = dense_attention_fwd(*(x.bfloat16() for x in (q, k, v)), lay, cu, **kw)
+    assert rel_err(o16, o32) <= 1e-2

@@ -1,0 +1,250 @@
+"""Benchmark full NSA attention (issue 3) against dense causal SDPA (cuDNN, flash) on one GPU.
+
+NSA here is q, k, v, gates -> o: MLP compression of K and V, compressed attention, block
+scores + top-n, selected attention, sliding window and gating, forward and backward
+(gradients reach q, k, v, gates and the compressors). Per-branch times come from timing each
+launcher alone. Writes benchmarks/kernels-<date>.json and .md (BENCHMARKS.md format) and a
+PNG plot when matplotlib is available.
+
+    python tools/bench_kernels.py --seqs 8192,16384,32768,65536,131072
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+
+import torch
+import torch.nn.functional as F
+
+from nsa_kernels.combine import combine_bwd, combine_fwd
+from nsa_kernels.dense import dense_attention_bwd, dense_attention_fwd
+from nsa_kernels.function import nsa_attention_triton
+from nsa_kernels.layout import compressed_cu_seqlens
+from nsa_kernels.selected import selected_attention_bwd, selected_attention_fwd
+from nsa_kernels.selection import select_blocks_triton
+from nsa_kernels.varlen import Varlen
+
+HP = dict(cmp_block=32, cmp_stride=16, slc_block=64, topk=16, window=512, init_blocks=1, local_blocks=2)
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median of ``reps`` event-timed calls (ms) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def commit() -> str:
+    if os.environ.get("NSA_COMMIT"):
+        return os.environ["NSA_COMMIT"]
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"]).returncode != 0
+        untracked = subprocess.check_output(["git", "ls-files", "--others", "--exclude-standard",
+                                             "kernels", "tools"], text=True).strip()
+        return f"uncommitted on top of {sha}" if (dirty or untracked) else sha
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+
+
+def make_compressors(hkv, dqk, dv, dtype):
+    from nsa_megatron.compression import MLPCompressor
+
+    kc = MLPCompressor(hkv, dqk, HP["cmp_block"], HP["cmp_stride"]).cuda().to(dtype)
+    vc = MLPCompressor(hkv, dv, HP["cmp_block"], HP["cmp_stride"]).cuda().to(dtype)
+    return kc, vc
+
+
+def bench_nsa(T, hq, hkv, dqk, dv, reps):
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q = torch.randn(T, hq, dqk, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(T, hkv, dqk, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(T, hkv, dv, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    gates = torch.rand(T, hq, 3, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    kcomp, vcomp = make_compressors(hkv, dqk, dv, dtype)
+    scale = dqk ** -0.5
+
+    def fwd():
+        return nsa_attention_triton(q, k, v, kcomp(k, cu), vcomp(v, cu), gates, cu, scale=scale, **HP)
+
+    row = {"impl": "nsa", "seq": T, "fwd_ms": timed(fwd, reps)}
+    o = fwd()
+    do = torch.randn_like(o)
+    params = [q, k, v, gates, *kcomp.parameters(), *vcomp.parameters()]
+
+    def bwd():
+        for p in params:
+            p.grad = None
+        o.backward(do, retain_graph=True)
+
+    row["bwd_ms"] = timed(bwd, reps)
+    row["branches_ms"] = branch_times(q.detach(), k.detach(), v.detach(), kcomp, vcomp,
+                                      gates.detach(), cu, scale, do, reps)
+    return row
+
+
+def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
+    """Each launcher alone (ms), same inputs as the full run."""
+    with torch.no_grad():
+        k_cmp, v_cmp = kcomp(k, cu), vcomp(v, cu)
+    lay = Varlen.build(cu)
+    kc_cu = compressed_cu_seqlens(cu, HP["cmp_block"], HP["cmp_stride"])
+    cmp_kw = dict(key_stride=HP["cmp_stride"], key_offset=HP["cmp_block"] - 1, window=0, scale=scale)
+    win_kw = dict(key_stride=1, key_offset=0, window=HP["window"], scale=scale)
+    sel_kw = {n: HP[n] for n in ("cmp_block", "cmp_stride", "slc_block", "topk", "init_blocks", "local_blocks")}
+    out = {}
+    with torch.no_grad():
+        out["compress_fwd"] = timed(lambda: (kcomp(k, cu), vcomp(v, cu)), reps)
+        o_c, lse_c = dense_attention_fwd(q, k_cmp, v_cmp, lay, kc_cu, **cmp_kw)
+        out["cmp_fwd"] = timed(lambda: dense_attention_fwd(q, k_cmp, v_cmp, lay, kc_cu, **cmp_kw), reps)
+        blocks = select_blocks_triton(q, k_cmp, lse_c, lay, kc_cu, scale=scale, **sel_kw)
+        out["select"] = timed(lambda: select_blocks_triton(q, k_cmp, lse_c, lay, kc_cu, scale=scale, **sel_kw), reps)
+        o_s, lse_s = selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"], scale=scale)
+        out["slc_fwd"] = timed(lambda: selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"],
+                                                              scale=scale), reps)
+        o_w, lse_w = dense_attention_fwd(q, k, v, lay, cu, **win_kw)
+        out["win_fwd"] = timed(lambda: dense_attention_fwd(q, k, v, lay, cu, **win_kw), reps)
+        out["combine_fwd"] = timed(lambda: combine_fwd(o_c, o_s, o_w, gates), reps)
+        _, delta = combine_bwd(do, o_c, o_s, o_w, gates)
+        out["combine_bwd"] = timed(lambda: combine_bwd(do, o_c, o_s, o_w, gates), reps)
+        out["cmp_bwd"] = timed(lambda: dense_attention_bwd(q, k_cmp, v_cmp, do, lse_c, delta[0], lay, kc_cu,
+                                                           gate=gates[:, :, 0], **cmp_kw), reps)
+        out["slc_bwd"] = timed(lambda: selected_attention_bwd(q, k, v, do, lse_s, delta[1], blocks, lay, cu,
+                                                              slc_block=HP["slc_block"], scale=scale,
+                                                              gate=gates[:, :, 1]), reps)
+        out["win_bwd"] = timed(lambda: dense_attention_bwd(q, k, v, do, lse_w, delta[2], lay, cu,
+                                                           gate=gates[:, :, 2], **win_kw), reps)
+    return {n: round(t, 3) for n, t in out.items()}
+
+
+def bench_dense(T, hq, hkv, d, backend, reps):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    g = torch.Generator(device="cuda").manual_seed(T + 1)
+    q = torch.randn(1, hq, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+
+    def fwd():
+        with sdpa_kernel(which):
+            kk = k.repeat_interleave(hq // hkv, 1)
+            vv = v.repeat_interleave(hq // hkv, 1)
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+
+    row = {"impl": backend, "seq": T, "fwd_ms": timed(fwd, reps)}
+    o = fwd()
+    do = torch.randn_like(o)
+
+    def bwd():
+        q.grad = k.grad = v.grad = None
+        o.backward(do, retain_graph=True)
+
+    row["bwd_ms"] = timed(bwd, reps)
+    return row
+
+
+def write(rows, args, out_dir, quiet=False):
+    date = datetime.date.today().isoformat()
+    card = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    doc = {"topic": "kernels", "date": date, "card": card, "gpus": 1, "commit": commit(),
+           "software": {"torch": torch.__version__, "triton": tv},
+           "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "qk_dim": args.dqk, "v_dim": args.dv,
+                     "dtype": "bf16", **HP},
+           "notes": "dense baselines expand K/V to all query heads; NSA fwd includes MLP compression of K and V; "
+                    "bwd_ms is backward alone (retain_graph replays)",
+           "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"kernels-{date}-{args.tag}" if args.tag else f"kernels-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = [f"# NSA kernels vs dense attention ({date}, {card}, commit {doc['commit']})", "",
+             f"bf16, B=1, {args.heads} q heads, {args.kv_heads} kv heads, Dqk={args.dqk}, Dv={args.dv}, "
+             "l=32 d=16 l'=64 n=16 w=512; medians of event-timed runs (ms).", "",
+             "| seq | impl | fwd | bwd | fwd+bwd |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seq']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
+                     f"{r['fwd_ms'] + r['bwd_ms']:.2f} |")
+    lines += ["", "Per-branch times of NSA (ms):", ""]
+    for r in rows:
+        if r["impl"] == "nsa":
+            lines.append(f"- {r['seq']}: " + ", ".join(f"{k} {v}" for k, v in r["branches_ms"].items()))
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for impl in ("nsa", "cudnn", "flash"):
+            pts = [(r["seq"], r["fwd_ms"] + r["bwd_ms"]) for r in rows if r["impl"] == impl]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("fwd+bwd ms")
+        ax.set_title(card)
+        ax.legend()
+        fig.savefig(stem + ".png", dpi=120, bbox_inches="tight")
+    except ImportError:
+        print("matplotlib missing: no PNG")
+    if not quiet:
+        print("\n".join(lines))
+    return stem
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", default="8192,16384,32768,65536,131072")
+    p.add_argument("--heads", type=int, default=64)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--dqk", type=int, default=128)
+    p.add_argument("--dv", type=int, default=128)
+    p.add_argument("--dense", default="cudnn,flash", help="dense baselines to run ('' for none)")
+    p.add_argument("--out", default="benchmarks")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+    rows = []
+    for T in (int(s) for s in args.seqs.split(",")):
+        reps = 10 if T <= 32768 else 5
+        rows.append(bench_nsa(T, args.heads, args.kv_heads, args.dqk, args.dv, reps))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+        for backend in filter(None, args.dense.split(",")):
+            if args.dqk != args.dv:
+                continue
+            try:
+                rows.append(bench_dense(T, args.heads, args.kv_heads, args.dqk, backend, reps))
+                print(rows[-1], flush=True)
+            except RuntimeError as err:
+                print(f"{backend} at {T}: {err}")
+            torch.cuda.empty_cache()
+        write(rows, args, args.out, quiet=True)  # partial results survive a timeout
+    write(rows, args, args.out)
+
+
+if __name__ == "__main__":
+    main()
