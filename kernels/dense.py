@@ -23,6 +23,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # query rows per dK/dV work item (None: 1024 on GPU, unsplit in the interpreter); tests lower it
 DKDV_QUERY_CHUNK = None
+# per-kernel tile overrides, see dense_config
+TILE_OVERRIDE: dict = {}
 
 
 def interpreting() -> bool:
@@ -32,68 +34,69 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def dense_config(g_pad: int, dqk_p: int, dv_p: int, backward: bool = False) -> dict:
-    """Tile sizes: rows per tile (BLOCK_T tokens x G_PAD heads), keys per step, warps."""
+def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd") -> dict:
+    """Tile sizes of one dense kernel ("fwd", "dq" or "dkdv"): BLOCK_T query tokens x G_PAD
+    heads per row tile, BLOCK_N keys per step, warps and pipeline stages.
+
+    GPU defaults are the spill-free shapes (ptxas report for sm_90a at Dqk = Dv = 128) that
+    timed fastest on an H100; ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N, num_warps,
+    num_stages) replaces them, for the benchmark's sweep and for tests of the tile loops."""
     if interpreting():
         rows, block_n, warps, stages = max(128, g_pad), 64, 4, 1
     else:
         big = max(dqk_p, dv_p) > 128
-        rows = 64 if (big or backward) else 128
-        rows = max(rows, g_pad)
-        block_n = 64 if not (big and backward) else 32
-        warps, stages = (8 if rows >= 128 else 4), (2 if big else 3)
-    return dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        if kernel == "fwd":
+            rows, block_n, warps, stages = (64, 64, 4, 2) if big else (64, 64, 4, 3)
+        elif kernel == "dq":
+            rows, block_n, warps, stages = (64, 32, 4, 2) if big else (128, 64, 8, 2)
+        else:
+            rows, block_n, warps, stages = (64, 32, 4, 2) if big else (64, 128, 8, 2)
+    o = TILE_OVERRIDE.get(kernel, {})
+    rows = max(o.get("ROWS", rows), g_pad)
+    return dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=o.get("BLOCK_N", block_n),
+                num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
 
 
 @triton.jit
-def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
-               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-               DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
-               KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr):
-    tile = tl.program_id(0)
-    g = tl.program_id(1)
-    seq = tl.load(TILES + 2 * tile)
-    t0 = tl.load(TILES + 2 * tile + 1)
-    q_beg = tl.load(Q_CU + seq)
-    q_len = tl.load(Q_CU + seq + 1) - q_beg
-    pos0 = tl.load(Q_POS0 + seq)
-    k_beg = tl.load(K_CU + seq)
-    k_len = tl.load(K_CU + seq + 1) - k_beg
-
-    r = tl.arange(0, BLOCK_T * G_PAD)
-    tok = t0 + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < q_len) & (hh < G)
-    pos = pos0 + tok
-    qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
-    dq = tl.arange(0, DQK_P)
-    dv = tl.arange(0, DV_P)
-    q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
-                mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-
-    pos_min = pos0 + t0
-    pos_max = pos0 + tl.minimum(t0 + BLOCK_T, q_len) - 1
+def _key_range(pos_min, pos_max, k_len, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+               WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key steps of a query tile with positions [pos_min, pos_max]: masked steps
+    [lo, f1), unmasked steps [f1, f2) (every key visible to every row), masked [f2, hi).
+    f1 and f2 sit on lo's BLOCK_N grid, so unmasked steps never touch a boundary key."""
     hi = tl.where(pos_max >= KOFF, (pos_max - KOFF) // KSTRIDE + 1, 0)
     hi = tl.minimum(hi, k_len)
-    lo = 0
+    lo = hi * 0
+    full_a = lo
     if WINDOW > 0:
         lo = (tl.maximum(pos_min - WINDOW + 1 - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
+        full_a = (tl.maximum(pos_max - WINDOW + 1 - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
+    full_b = tl.where(pos_min >= KOFF, (pos_min - KOFF) // KSTRIDE + 1, 0)
+    full_b = tl.minimum(full_b, hi)
+    f1 = tl.minimum(lo + (tl.maximum(full_a - lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    f2 = f1 + tl.maximum(full_b - f1, 0) // BLOCK_N * BLOCK_N
+    return lo, f1, f2, hi
 
-    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
-    acc = tl.zeros([BLOCK_T * G_PAD, DV_P], tl.float32)
-    for s0 in range(lo, hi, BLOCK_N):
+
+@triton.jit
+def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
+               DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+               WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    dq = tl.arange(0, DQK_P)
+    dv = tl.arange(0, DV_P)
+    for s0 in range(s_a, s_b, BLOCK_N):
         s = s0 + tl.arange(0, BLOCK_N)
         s_ok = s < hi
-        krow = (k_beg + s).to(tl.int64) * HKV + g
+        krow = krow0 + s.to(tl.int64) * HKV
         k = tl.load(K + krow[:, None] * DQK + dq[None, :],
                     mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
-        kp = s * KSTRIDE + KOFF
-        vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
-        if WINDOW > 0:
-            vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
-        qk = tl.where(vis, qk, float("-inf"))
+        if MASKED:
+            kp = s * KSTRIDE + KOFF
+            vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
+            if WINDOW > 0:
+                vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
+            qk = tl.where(vis, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -103,6 +106,56 @@ def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
                     mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_tile(TILES, Q_CU, Q_POS0, K_CU, HQ, g, G: tl.constexpr, G_PAD: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Rows of this program's query tile. Tiles run in reverse so the longest causal tiles
+    (last in each sequence) start first and the short ones fill the tail."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.load(TILES + 2 * tile)
+    t0 = tl.load(TILES + 2 * tile + 1)
+    q_beg = tl.load(Q_CU + seq)
+    q_len = tl.load(Q_CU + seq + 1) - q_beg
+    pos0 = tl.load(Q_POS0 + seq)
+    k_beg = tl.load(K_CU + seq)
+    k_len = tl.load(K_CU + seq + 1) - k_beg
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    tok = t0 + r // G_PAD
+    hh = r % G_PAD
+    row_ok = (tok < q_len) & (hh < G)
+    pos = pos0 + tok
+    qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
+    pos_min = pos0 + t0
+    pos_max = pos0 + tl.minimum(t0 + BLOCK_T, q_len) - 1
+    return row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len
+
+
+@triton.jit
+def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
+               G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+               DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+               KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr):
+    g = tl.program_id(1)
+    row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
+        TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
+    dq = tl.arange(0, DQK_P)
+    dv = tl.arange(0, DV_P)
+    q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
+                mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+    lo, f1, f2, hi = _key_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
+    krow0 = k_beg.to(tl.int64) * HKV + g
+    m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_T * G_PAD, DV_P], tl.float32)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, lo, f1, hi, qk_scale, HKV,
+                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, f1, f2, hi, qk_scale, HKV,
+                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, f2, hi, hi, qk_scale, HKV,
+                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -134,64 +187,99 @@ def _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
 
 
 @triton.jit
+def _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
+              DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+              BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+              WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    dq = tl.arange(0, DQK_P)
+    dv = tl.arange(0, DV_P)
+    for s0 in range(s_a, s_b, BLOCK_N):
+        s = s0 + tl.arange(0, BLOCK_N)
+        s_ok = s < hi
+        krow = krow0 + s.to(tl.int64) * HKV
+        k = tl.load(K + krow[:, None] * DQK + dq[None, :],
+                    mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+        v = tl.load(V + krow[:, None] * DV + dv[None, :],
+                    mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.exp2(qk - lse2[:, None])
+        if MASKED:
+            kp = s * KSTRIDE + KOFF
+            vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
+            if WINDOW > 0:
+                vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k)
+    return acc
+
+
+@triton.jit
 def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ, TILES, Q_CU, Q_POS0, K_CU,
                   qk_scale, scale, HQ, HKV, gate_stride,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr,
                   HAS_GATE: tl.constexpr):
-    tile = tl.program_id(0)
     g = tl.program_id(1)
-    seq = tl.load(TILES + 2 * tile)
-    t0 = tl.load(TILES + 2 * tile + 1)
-    q_beg = tl.load(Q_CU + seq)
-    q_len = tl.load(Q_CU + seq + 1) - q_beg
-    pos0 = tl.load(Q_POS0 + seq)
-    k_beg = tl.load(K_CU + seq)
-    k_len = tl.load(K_CU + seq + 1) - k_beg
-
-    r = tl.arange(0, BLOCK_T * G_PAD)
-    tok = t0 + r // G_PAD
-    hh = r % G_PAD
-    row_ok = (tok < q_len) & (hh < G)
-    pos = pos0 + tok
-    qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
+    row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
+        TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
     q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
                                         DQK, DV, DQK_P, DV_P, HAS_GATE)
     dq = tl.arange(0, DQK_P)
-    dv = tl.arange(0, DV_P)
-
-    pos_min = pos0 + t0
-    pos_max = pos0 + tl.minimum(t0 + BLOCK_T, q_len) - 1
-    hi = tl.where(pos_max >= KOFF, (pos_max - KOFF) // KSTRIDE + 1, 0)
-    hi = tl.minimum(hi, k_len)
-    lo = 0
-    if WINDOW > 0:
-        lo = (tl.maximum(pos_min - WINDOW + 1 - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
-
+    lo, f1, f2, hi = _key_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
+    krow0 = k_beg.to(tl.int64) * HKV + g
     acc = tl.zeros([BLOCK_T * G_PAD, DQK_P], tl.float32)
-    for s0 in range(lo, hi, BLOCK_N):
-        s = s0 + tl.arange(0, BLOCK_N)
-        s_ok = s < hi
-        krow = (k_beg + s).to(tl.int64) * HKV + g
-        k = tl.load(K + krow[:, None] * DQK + dq[None, :],
-                    mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-        v = tl.load(V + krow[:, None] * DV + dv[None, :],
-                    mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        kp = s * KSTRIDE + KOFF
-        vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
-        if WINDOW > 0:
-            vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k)
-
+    acc = _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, lo, f1, hi, qk_scale, HKV,
+                    DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    acc = _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, f1, f2, hi, qk_scale, HKV,
+                    DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
+    acc = _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, f2, hi, hi, qk_scale, HKV,
+                    DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
     ptrs = DQ + qrow[:, None] * DQK + dq[None, :]
     msk = row_ok[:, None] & (dq[None, :] < DQK)
     prev = tl.load(ptrs, mask=msk, other=0.0)
     tl.store(ptrs, prev + acc * scale, mask=msk)
+
+
+@triton.jit
+def dkdv_step(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, qrow, row_ok, vis, gate_stride, qk_scale,
+              DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+              HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
+    """One query tile's contribution to a key tile's dK (unscaled) and dV, keys as the MMA
+    rows: S^T = K Q^T keeps P^T and dS^T in the accumulator layout, so they feed the next
+    dots from registers with no transpose through shared memory. ``vis`` [keys, rows]."""
+    q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
+                                        DQK, DV, DQK_P, DV_P, HAS_GATE)
+    pt = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])
+    if MASKED:
+        pt = tl.where(vis, pt, 0.0)
+    dvacc += tl.dot(pt.to(do.dtype), do)
+    dpt = tl.dot(v, tl.trans(do))
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dvacc
+
+
+@triton.jit
+def _dkdv_steps(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, kp, q_beg, pos0, g, t_a, t_b, tok_hi,
+                qk_scale, HQ, gate_stride, G: tl.constexpr, G_PAD: tl.constexpr,
+                BLOCK_T: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
+                DQK_P: tl.constexpr, DV_P: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_GATE: tl.constexpr, MASKED: tl.constexpr):
+    r = tl.arange(0, BLOCK_T * G_PAD)
+    for t0 in range(t_a, t_b, BLOCK_T):
+        tok = t0 + r // G_PAD
+        hh = r % G_PAD
+        row_ok = (tok < tok_hi) & (hh < G)
+        qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
+        vis = kp[:, None] <= pos0 + tok[None, :]
+        if WINDOW > 0:
+            vis = vis & (kp[:, None] > pos0 + tok[None, :] - WINDOW)
+        dk, dvacc = dkdv_step(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, qrow, row_ok, vis,
+                              gate_stride, qk_scale, DQK, DV, DQK_P, DV_P, HAS_GATE, MASKED)
+    return dk, dvacc
 
 
 @triton.jit
@@ -222,28 +310,29 @@ def _dense_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, KTILES, Q_CU, Q_POS0
                 mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
     v = tl.load(V + krow[:, None] * DV + dv[None, :],
                 mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    # keys past k_len are masked at the store, so only their positions matter here
     kp = s * KSTRIDE + KOFF
+    kp_first = s0 * KSTRIDE + KOFF
+    kp_last = (tl.minimum(s0 + BLOCK_N, k_len) - 1) * KSTRIDE + KOFF
+    # query tokens that see every key of the tile: [full_a, full_b)
+    full_a = tl.maximum(kp_last - pos0, tok_lo)
+    full_b = tok_hi
+    if WINDOW > 0:
+        full_b = tl.minimum(kp_first + WINDOW - pos0, tok_hi)
+    f1 = tl.minimum(tok_lo + (full_a - tok_lo + BLOCK_T - 1) // BLOCK_T * BLOCK_T, tok_hi)
+    f2 = f1 + tl.maximum(full_b - f1, 0) // BLOCK_T * BLOCK_T
 
     dk = tl.zeros([BLOCK_N, DQK_P], tl.float32)
     dvacc = tl.zeros([BLOCK_N, DV_P], tl.float32)
-    r = tl.arange(0, BLOCK_T * G_PAD)
-    for t0 in range(tok_lo, tok_hi, BLOCK_T):
-        tok = t0 + r // G_PAD
-        hh = r % G_PAD
-        row_ok = (tok < tok_hi) & (hh < G)
-        pos = pos0 + tok
-        qrow = (q_beg + tok).to(tl.int64) * HQ + g * G + hh
-        q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
-                                            DQK, DV, DQK_P, DV_P, HAS_GATE)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = row_ok[:, None] & s_ok[None, :] & (kp[None, :] <= pos[:, None])
-        if WINDOW > 0:
-            vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        dvacc += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    dk, dvacc = _dkdv_steps(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, kp, q_beg, pos0, g, tok_lo,
+                            f1, tok_hi, qk_scale, HQ, gate_stride,
+                            G, G_PAD, BLOCK_T, DQK, DV, DQK_P, DV_P, WINDOW, HAS_GATE, True)
+    dk, dvacc = _dkdv_steps(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, kp, q_beg, pos0, g, f1,
+                            f2, tok_hi, qk_scale, HQ, gate_stride,
+                            G, G_PAD, BLOCK_T, DQK, DV, DQK_P, DV_P, WINDOW, HAS_GATE, False)
+    dk, dvacc = _dkdv_steps(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, kp, q_beg, pos0, g, f2,
+                            tok_hi, tok_hi, qk_scale, HQ, gate_stride,
+                            G, G_PAD, BLOCK_T, DQK, DV, DQK_P, DV_P, WINDOW, HAS_GATE, True)
 
     kmask = s_ok[:, None] & (dq[None, :] < DQK)
     vmask = s_ok[:, None] & (dv[None, :] < DV)
@@ -285,7 +374,7 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
     if T == 0:
         return o, lse
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    cfg = dense_config(g_pad, dqk_p, dv_p)
+    cfg = dense_config(g_pad, dqk_p, dv_p, "fwd")
     tiles = layout.tiles(cfg["BLOCK_T"])
     _dense_fwd[(tiles.shape[0], HKV)](
         q, k, v, o, lse, tiles, layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, HQ, HKV,
@@ -296,14 +385,15 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
 
 def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_stride: int,
                         key_offset: int, window: int, scale: float, gate=None,
-                        dq_acc=None, dk_acc=None, dv_acc=None):
+                        dq_acc=None, dk_acc=None, dv_acc=None, kernels=("dq", "dkdv")):
     """Backward of :func:`dense_attention_fwd`.
 
     The branch's output gradient is ``gate[..., None] * do`` (``gate`` [Tq, HQ] any float view,
     row stride = HQ * its last stride; None means 1). ``delta`` [Tq, HQ] fp32 is
     rowsum(d o_branch * o_branch). Gradients are *added* into the fp32 accumulators
     ``dq_acc`` [Tq, HQ, Dqk], ``dk_acc`` [Tk, HKV, Dqk], ``dv_acc`` [Tk, HKV, Dv] (fresh zero
-    buffers when None). Returns (dq_acc, dk_acc, dv_acc).
+    buffers when None). ``kernels`` names the kernels to run (a subset times one alone).
+    Returns (dq_acc, dk_acc, dv_acc).
     """
     T, HQ, HKV, DQK, DV, G = _common(q, k, v)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -313,24 +403,26 @@ def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_st
     if T == 0 or k.shape[0] == 0:
         return dq_acc, dk_acc, dv_acc
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    cfg = dense_config(g_pad, dqk_p, dv_p, backward=True)
     has_gate = gate is not None
     gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if has_gate and gate.stride(0) != HQ * gate.stride(1):
         raise ValueError("gate must be a [Tq, HQ] view with row stride HQ * head stride")
     common = dict(G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, KSTRIDE=key_stride,
-                  KOFF=key_offset, WINDOW=window, HAS_GATE=has_gate, **cfg)
+                  KOFF=key_offset, WINDOW=window, HAS_GATE=has_gate)
+    cfg = dense_config(g_pad, dqk_p, dv_p, "dq")
     tiles = layout.tiles(cfg["BLOCK_T"])
-    _dense_bwd_dq[(tiles.shape[0], HKV)](
-        q, k, v, do, lse, delta, gate_arg, dq_acc, tiles, layout.q_cu, layout.q_pos0, k_cu,
-        scale * LOG2E, scale, HQ, HKV, gate_stride, **common)
+    if "dq" in kernels:
+        _dense_bwd_dq[(tiles.shape[0], HKV)](
+            q, k, v, do, lse, delta, gate_arg, dq_acc, tiles, layout.q_cu, layout.q_pos0, k_cu,
+            scale * LOG2E, scale, HQ, HKV, gate_stride, **common, **cfg)
+    cfg = dense_config(g_pad, dqk_p, dv_p, "dkdv")
     ktiles, split = key_work(layout, k_cu, cfg["BLOCK_N"], key_stride, key_offset, window,
                              qchunk=DKDV_QUERY_CHUNK or (1 << 30 if interpreting() else 1024))
-    if ktiles.shape[0]:
+    if ktiles.shape[0] and "dkdv" in kernels:
         _dense_bwd_dkdv[(ktiles.shape[0], HKV)](
             q, k, v, do, lse, delta, gate_arg, dk_acc, dv_acc, ktiles, layout.q_cu,
             layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, ATOMIC=split,
-            **common)
+            **common, **cfg)
     return dq_acc, dk_acc, dv_acc
 
 

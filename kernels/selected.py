@@ -14,8 +14,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense import LOG2E, _load_bwd_rows, interpreting
+from .dense import LOG2E, _load_bwd_rows, dkdv_step, interpreting
 from .varlen import new_empty, Varlen, next_pow2
+
+# launch overrides {"fwd"|"dq": {num_warps, num_stages}, "dkdv": {ROWS, SEGMENT, num_warps,
+# num_stages}} for the benchmark's sweep; see _launch
+TILE_OVERRIDE: dict = {}
+
+
+def _launch(kernel: str, g_pad: int, wide: bool) -> dict:
+    """Launch shape of one selected-branch kernel (``wide``: fwd/dq GR x max(Dqk, Dv) > 4096,
+    dK/dV max(Dqk, Dv) > 128). dK/dV: ROWS = tokens x G_PAD rows per step, SEGMENT = most
+    tokens per program; 4 warps own the l' = 64 key rows (8 would split them, measured
+    1.6x slower on an H100), 32 rows keep that spill-free at head dim 128."""
+    if kernel == "dkdv":
+        cfg = dict(ROWS=128, SEGMENT=1 << 30, num_warps=4, num_stages=1) if interpreting() else \
+            dict(ROWS=64 if wide else 32, SEGMENT=512, num_warps=8 if wide else 4, num_stages=2)
+        cfg["ROWS"] = max(cfg["ROWS"], g_pad)
+    else:
+        cfg = dict(num_warps=8 if wide else 4, num_stages=2)
+    cfg.update(TILE_OVERRIDE.get(kernel, {}))
+    return cfg
 
 
 @triton.jit
@@ -138,15 +157,9 @@ def _slc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, WORK, TOKENS, ROWPOS, 
         t = tl.load(TOKENS + ti, mask=t_ok, other=0)
         pos = tl.load(ROWPOS + t, mask=t_ok, other=-1)
         qrow = t.to(tl.int64) * HQ + g * G + hh
-        q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
-                                            DQK, DV, DQK_P, DV_P, HAS_GATE)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        vis = row_ok[:, None] & s_ok[None, :] & (s[None, :] <= pos[:, None])
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        dvacc += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        vis = s_ok[:, None] & (s[:, None] <= pos[None, :])
+        dk, dvacc = dkdv_step(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, qrow, row_ok, vis,
+                              gate_stride, qk_scale, DQK, DV, DQK_P, DV_P, HAS_GATE, True)
     tl.atomic_add(DK + krow[:, None] * DQK + dq[None, :], dk * scale,
                   mask=s_ok[:, None] & (dq[None, :] < DQK))
     tl.atomic_add(DV_ + krow[:, None] * DV + dv[None, :], dvacc,
@@ -176,11 +189,10 @@ def selected_attention_fwd(q, k, v, block_indices, layout: Varlen, k_cu, *, slc_
     if T == 0:
         return o, lse
     row_seq, row_pos = layout.row_info()
+    cfg = _launch("fwd", GR, GR * max(dqk_p, dv_p) > 4096)
     _slc_fwd[(T, HKV)](q, k, v, o, lse, block_indices, row_seq, row_pos, k_cu, scale * LOG2E,
                        HQ, HKV, G=G, GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-        BS_P=max(16, next_pow2(slc_block)),
-                       NSEL=block_indices.shape[-1], num_warps=4 if GR * max(dqk_p, dv_p) <= 4096 else 8,
-                       num_stages=2)
+                       BS_P=max(16, next_pow2(slc_block)), NSEL=block_indices.shape[-1], **cfg)
     return o, lse
 
 
@@ -221,10 +233,10 @@ def block_work_list(block_indices, layout: Varlen, k_cu, slc_block: int, segment
 
 def selected_attention_bwd(q, k, v, do, lse, delta, block_indices, layout: Varlen, k_cu, *,
                            slc_block: int, scale: float, gate=None, dq_acc=None, dk_acc=None,
-                           dv_acc=None):
+                           dv_acc=None, kernels=("dq", "dkdv")):
     """Backward of :func:`selected_attention_fwd`; conventions as ``dense_attention_bwd``
     (branch output gradient ``gate * do``, ``delta`` = rowsum(d o_branch * o_branch), grads
-    added into fp32 accumulators). Returns (dq_acc, dk_acc, dv_acc)."""
+    added into fp32 accumulators; ``kernels`` the subset to run). Returns (dq_acc, dk_acc, dv_acc)."""
     T, HQ, HKV, DQK, DV, G, GR, dqk_p, dv_p = _dims(q, k, v)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq_acc = torch.zeros(T, HQ, DQK, **f32) if dq_acc is None else dq_acc
@@ -238,22 +250,23 @@ def selected_attention_bwd(q, k, v, do, lse, delta, block_indices, layout: Varle
         raise ValueError("gate must be a [Tq, HQ] view with row stride HQ * head stride")
     row_seq, row_pos = layout.row_info()
     nsel = block_indices.shape[-1]
-    _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, dq_acc, block_indices, row_seq,
-                          row_pos, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, G=G, GR=GR,
-                          DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-        BS_P=max(16, next_pow2(slc_block)), NSEL=nsel,
-                          HAS_GATE=has_gate, num_warps=4 if GR * max(dqk_p, dv_p) <= 4096 else 8,
-                          num_stages=2)
+    bs_p = max(16, next_pow2(slc_block))
+    cfg = _launch("dq", GR, GR * max(dqk_p, dv_p) > 4096)
+    if "dq" in kernels:
+        _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, dq_acc, block_indices, row_seq,
+                              row_pos, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, G=G,
+                              GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
+                              BS_P=bs_p, NSEL=nsel, HAS_GATE=has_gate, **cfg)
+    if "dkdv" not in kernels:
+        return dq_acc, dk_acc, dv_acc
     g_pad = next_pow2(G)
-    rows = max(g_pad, 128 if interpreting() else 64)
-    block_t = max(1, rows // g_pad)
-    segment = (1 << 30) if interpreting() else 512
-    work, tokens = block_work_list(block_indices, layout, k_cu, slc_block, segment)
+    cfg = _launch("dkdv", g_pad, max(dqk_p, dv_p) > 128)
+    block_t = max(1, cfg.pop("ROWS") // g_pad)
+    work, tokens = block_work_list(block_indices, layout, k_cu, slc_block, cfg.pop("SEGMENT"))
     if work.shape[0]:
         _slc_bwd_dkdv[(work.shape[0],)](
             q, k, v, do, lse, delta, gate_arg, dk_acc, dv_acc, work, tokens, row_pos, k_cu,
             scale * LOG2E, scale, HQ, HKV, gate_stride, G=G, G_PAD=g_pad, BLOCK_T=block_t,
-            DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-        BS_P=max(16, next_pow2(slc_block)), HAS_GATE=has_gate,
-            num_warps=4 if interpreting() else 8, num_stages=2)
+            DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block, BS_P=bs_p, HAS_GATE=has_gate,
+            **cfg)
     return dq_acc, dk_acc, dv_acc

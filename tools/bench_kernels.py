@@ -131,6 +131,122 @@ def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
     return {n: round(t, 3) for n, t in out.items()}
 
 
+SWEEP = {  # kernel -> candidate launch shapes (first = the launcher's default on Dqk = Dv = 128)
+    "dense:fwd": [dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                  dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                  dict(ROWS=128, BLOCK_N=128, num_warps=8, num_stages=2)],
+    "dense:dq": [dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                 dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                 dict(ROWS=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                 dict(ROWS=128, BLOCK_N=32, num_warps=8, num_stages=2),
+                 dict(ROWS=64, BLOCK_N=32, num_warps=4, num_stages=3)],
+    "dense:dkdv": [dict(ROWS=64, BLOCK_N=128, num_warps=8, num_stages=2),
+                   dict(ROWS=64, BLOCK_N=64, num_warps=8, num_stages=2),
+                   dict(ROWS=32, BLOCK_N=128, num_warps=8, num_stages=2),
+                   dict(ROWS=16, BLOCK_N=128, num_warps=8, num_stages=2),
+                   dict(ROWS=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                   dict(ROWS=64, BLOCK_N=64, num_warps=8, num_stages=3)],
+    "slc:fwd": [dict(num_warps=4, num_stages=2), dict(num_warps=2, num_stages=2),
+                dict(num_warps=4, num_stages=3), dict(num_warps=2, num_stages=4)],
+    "slc:dq": [dict(num_warps=4, num_stages=2), dict(num_warps=2, num_stages=2),
+               dict(num_warps=4, num_stages=3), dict(num_warps=2, num_stages=4)],
+    "slc:dkdv": [dict(ROWS=32, SEGMENT=512, num_warps=4, num_stages=2),
+                 dict(ROWS=64, SEGMENT=512, num_warps=8, num_stages=2),
+                 dict(ROWS=32, SEGMENT=512, num_warps=8, num_stages=2),
+                 dict(ROWS=64, SEGMENT=2048, num_warps=8, num_stages=2),
+                 dict(ROWS=64, SEGMENT=512, num_warps=8, num_stages=3)],
+}
+
+
+def pair_counts(T: int) -> dict:
+    """Visible (query, key) pairs per query head of each branch (selected: upper bound)."""
+    t = torch.arange(T, dtype=torch.float64)
+    l, d, w = HP["cmp_block"], HP["cmp_stride"], HP["window"]
+    cmp = torch.where(t >= l - 1, torch.div(t - l + 1, d, rounding_mode="floor") + 1, 0).sum()
+    win = torch.clamp(t + 1, max=w).sum()
+    slc = torch.clamp(t + 1, max=HP["topk"] * HP["slc_block"]).sum()
+    return {"cmp": float(cmp), "win": float(win), "slc": float(slc)}
+
+
+def sweep(T, hq, hkv, dqk, dv, reps):
+    """Time every kernel alone under each SWEEP shape at length T; rows with ms and TFLOP/s
+    (FLOPs of the visible pairs only: fwd 2(Dqk+Dv), dq 2(2Dqk+Dv), dkdv 4(Dqk+Dv) per pair)."""
+    import nsa_kernels.dense as dense
+    import nsa_kernels.selected as selected
+
+    dtype = torch.bfloat16
+    g = torch.Generator(device="cuda").manual_seed(T)
+    rnd = lambda *s: torch.randn(*s, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    q, k, v, do = rnd(T, hq, dqk), rnd(T, hkv, dqk), rnd(T, hkv, dv), rnd(T, hq, dv)
+    gates = torch.rand(T, hq, 3, device="cuda", dtype=dtype, generator=g)
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    kcomp, vcomp = make_compressors(hkv, dqk, dv, dtype)
+    scale = dqk ** -0.5
+    with torch.no_grad():
+        k_cmp, v_cmp = kcomp(k, cu), vcomp(v, cu)
+    lay = Varlen.build(cu)
+    kc_cu = compressed_cu_seqlens(cu, HP["cmp_block"], HP["cmp_stride"])
+    kw = {"cmp": dict(key_stride=HP["cmp_stride"], key_offset=HP["cmp_block"] - 1, window=0, scale=scale),
+          "win": dict(key_stride=1, key_offset=0, window=HP["window"], scale=scale)}
+    kv = {"cmp": (k_cmp, v_cmp, kc_cu), "win": (k, v, cu)}
+    sel_kw = {n: HP[n] for n in ("cmp_block", "cmp_stride", "slc_block", "topk", "init_blocks", "local_blocks")}
+    pairs = pair_counts(T)
+    flop = {"fwd": 2 * (dqk + dv), "dq": 2 * (2 * dqk + dv), "dkdv": 4 * (dqk + dv)}
+    rows = []
+
+    def run(name, kernel, cfg, fn, branch):
+        try:
+            ms = timed(fn, reps, warmup=1)
+        except Exception as err:  # a shape that does not fit (shared memory) is a result too
+            rows.append({"kernel": name, "cfg": cfg, "error": str(err)[:200]})
+            print(name, cfg, "error", str(err)[:120], flush=True)
+            return
+        tf = flop[kernel] * pairs[branch] * hq / ms / 1e9
+        rows.append({"kernel": name, "cfg": cfg, "ms": round(ms, 3), "tflops": round(tf, 1)})
+        print(f"{name:10s} {ms:8.3f} ms {tf:6.1f} TFLOP/s {cfg}", flush=True)
+
+    with torch.no_grad():
+        outs = {}
+        for br in ("cmp", "win"):
+            outs[br] = dense_attention_fwd(q, kv[br][0], kv[br][1], lay, kv[br][2], **kw[br])
+        blocks = select_blocks_triton(q, k_cmp, outs["cmp"][1], lay, kc_cu, scale=scale, **sel_kw)
+        o_s, lse_s = selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"], scale=scale)
+        _, delta = combine_bwd(do, outs["cmp"][0], o_s, outs["win"][0], gates)
+        from nsa_kernels.selection import _scores_chunks
+
+        def scores_only():
+            for _ in _scores_chunks(q, k_cmp, outs["cmp"][1], lay, kc_cu, cmp_block=HP["cmp_block"],
+                                    cmp_stride=HP["cmp_stride"], slc_block=HP["slc_block"], scale=scale,
+                                    budget_bytes=256 << 20):
+                pass
+        run("scores", "fwd", {}, scores_only, "cmp")
+        for br, gi in (("cmp", 0), ("win", 2)):
+            kk, vv, kcu = kv[br]
+            for cfg in SWEEP["dense:fwd"]:
+                dense.TILE_OVERRIDE = {"fwd": cfg}
+                run(f"{br}_fwd", "fwd", cfg, lambda: dense_attention_fwd(q, kk, vv, lay, kcu, **kw[br]), br)
+            o_b, lse_b = outs[br]
+            for part in ("dq", "dkdv"):
+                for cfg in SWEEP["dense:" + part]:
+                    dense.TILE_OVERRIDE = {part: cfg}
+                    run(f"{br}_{part}", part, cfg, lambda: dense_attention_bwd(
+                        q, kk, vv, do, lse_b, delta[gi], lay, kcu, gate=gates[:, :, gi], kernels=(part,),
+                        **kw[br]), br)
+            dense.TILE_OVERRIDE = {}
+        for cfg in SWEEP["slc:fwd"]:
+            selected.TILE_OVERRIDE = {"fwd": cfg}
+            run("slc_fwd", "fwd", cfg, lambda: selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"],
+                                                                  scale=scale), "slc")
+        for part in ("dq", "dkdv"):
+            for cfg in SWEEP["slc:" + part]:
+                selected.TILE_OVERRIDE = {part: dict(cfg)}
+                run(f"slc_{part}", part, cfg, lambda: selected_attention_bwd(
+                    q, k, v, do, lse_s, delta[1], blocks, lay, cu, slc_block=HP["slc_block"], scale=scale,
+                    gate=gates[:, :, 1], kernels=(part,)), "slc")
+        selected.TILE_OVERRIDE = {}
+    return rows
+
+
 def bench_dense(T, hq, hkv, d, backend, reps):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -226,7 +342,20 @@ def main():
     p.add_argument("--dense", default="cudnn,flash", help="dense baselines to run ('' for none)")
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--tag", default="")
+    p.add_argument("--sweep", type=int, default=0, help="time each kernel's candidate shapes at this length")
     args = p.parse_args()
+    if args.sweep:
+        rows = sweep(args.sweep, args.heads, args.kv_heads, args.dqk, args.dv, reps=5)
+        doc = {"topic": "kernels-sweep", "date": datetime.date.today().isoformat(),
+               "card": torch.cuda.get_device_name(), "gpus": 1, "commit": commit(), "seq": args.sweep,
+               "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "qk_dim": args.dqk, "v_dim": args.dv,
+                         "dtype": "bf16", **HP}, "rows": rows}
+        os.makedirs(args.out, exist_ok=True)
+        name = f"kernels-sweep-{doc['date']}" + (f"-{args.tag}" if args.tag else "")
+        with open(os.path.join(args.out, name + ".json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        if not args.seqs:
+            return
     rows = []
     for T in (int(s) for s in args.seqs.split(",")):
         reps = 10 if T <= 32768 else 5

@@ -42,3 +42,16 @@ def test_split_dkdv_work_matches_reference(monkeypatch):
     monkeypatch.setattr(dense, "DKDV_QUERY_CHUNK", 16)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_nsa([58, 3], 4, 2, 16, 24, SMALL_HP, torch.float32, device, window_kv=True, seed=11)
+
+
+def test_small_tiles_run_unmasked_steps(monkeypatch):
+    """Dense tiles far smaller than the sequences (4 tokens x G heads, 16 keys), so every dense
+    kernel runs its unmasked middle steps between masked boundary steps, on both branches."""
+    import nsa_kernels.dense as dense
+
+    small = dict(ROWS=16, BLOCK_N=16)
+    monkeypatch.setattr(dense, "TILE_OVERRIDE", {k: small for k in ("fwd", "dq", "dkdv")})
+    monkeypatch.setattr(dense, "DKDV_QUERY_CHUNK", 48)
+    hp = dict(SMALL_HP, window=37)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_nsa([150, 23], 8, 2, 16, 24, hp, torch.float32, device, window_kv=True, seed=13)
