@@ -186,7 +186,9 @@ class NSASelfAttention(SelfAttention):
                 under sequence parallelism).
             attention_mask: ignored (NSA is causal within each sequence).
             rotary_pos_emb: Megatron's RoPE freqs [S, 1, 1, Dqk] (or a (q, k) pair), or None.
-            packed_seq_params: THD packs: ``cu_seqlens_q`` (``_padded`` when present).
+            packed_seq_params: THD packs: ``cu_seqlens_q`` (``_padded`` when present), the
+                boundaries of the *global* pack under context parallelism (Megatron's
+                convention), each sequence split zig-zag over the CP ranks.
         Returns:
             (output [s, b, hidden], bias or None) from the row-parallel projection.
         """
@@ -199,11 +201,14 @@ class NSASelfAttention(SelfAttention):
         parts = self.get_nsa_tensors(hidden_states)
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         b = parts["q"].shape[1]
+        cp = self.pg_collection.cp.size()
         if thd:
             parts = {name: x.squeeze(1) for name, x in parts.items()}
             cu_seqlens = packed_cu_seqlens(packed_seq_params).to(torch.int32)
+            _check_pack(cu_seqlens, parts["q"].shape[0], cp)
         else:
-            seq = parts["q"].shape[0]
+            # Global boundaries: under CP each rank holds 2 of the 2*cp chunks of every sequence.
+            seq = parts["q"].shape[0] * cp
             cu_seqlens = torch.arange(b + 1, dtype=torch.int32, device=hidden_states.device) * seq
         independent = "k_cmp" in parts
         k_slc, k_win = ("k_slc", "k_win") if independent else ("k", None)
@@ -219,7 +224,7 @@ class NSASelfAttention(SelfAttention):
             for name in (k_slc, k_win):
                 if name is not None:
                     parts[name] = rope.tokens(parts[name], k_emb)
-            if self.pg_collection.cp.size() == 1:
+            if cp == 1:
                 rope_cmp = rope.at_positions(k_emb)
         else:
             k_emb = None
@@ -228,16 +233,12 @@ class NSASelfAttention(SelfAttention):
         if not thd:
             parts = {name: x.transpose(0, 1).reshape(-1, *x.shape[2:]) for name, x in parts.items()}
         t_total = parts["q"].shape[0]
-        if int(cu_seqlens[-1]) != t_total:
-            raise ValueError(
-                f"packed_seq_params: cu_seqlens ends at {int(cu_seqlens[-1])}, the pack has {t_total} tokens"
-            )
         t = parts
         k_slc, v_slc = (t["k_slc"], t["v_slc"]) if independent else (t["k"], t["v"])
         k_win, v_win = (t["k_win"], t["v_win"]) if independent else (None, None)
         k_src, v_src, q = t["k_cmp"], t["v_cmp"], t["q"]
         cp_kwargs = {}
-        if self.pg_collection.cp.size() > 1:
+        if cp > 1:
             cp_kwargs = dict(rotary_pos_emb=k_emb, packed_seq_params=packed_seq_params)
         args = (q, k_slc, v_slc, k_win, v_win, k_src, v_src, t["gates"], cu_seqlens)
         if self.checkpoint_core_attention and self.training:
@@ -258,6 +259,37 @@ class NSASelfAttention(SelfAttention):
         else:
             out = out.reshape(b, -1, out.shape[1] * out.shape[2]).transpose(0, 1).contiguous()
         return self.linear_proj(out)
+
+
+def _check_pack(cu_seqlens: torch.Tensor, local_tokens: int, cp: int) -> None:
+    """Validate THD boundaries against this rank's token count (before RoPE splits the pack).
+
+    Megatron's packed ``cu_seqlens`` describe the whole (global) pack; under context
+    parallelism each rank holds ``1/cp`` of every sequence (2 of its 2*cp chunks), so the
+    boundaries must end at ``cp * local_tokens`` and every sequence length must be divisible
+    by 2*cp. (``nsa_cp_mode="ring"`` additionally needs 2*cp*nsa_slc_block, checked by
+    ``nsa_attention_cp``.)
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"packed_seq_params: cu_seqlens must be 1-D [N+1], got shape {tuple(cu_seqlens.shape)}")
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"packed_seq_params: cu_seqlens must start at 0 and be non-decreasing, got {bounds}")
+    if bounds[-1] != local_tokens * cp:
+        where = (
+            f"the pack has {local_tokens} tokens"
+            if cp == 1
+            else f"this rank holds {local_tokens} tokens, so the global pack (context_parallel_size={cp}; "
+            f"Megatron's packed cu_seqlens are global) must end at {local_tokens * cp}"
+        )
+        raise ValueError(f"packed_seq_params: cu_seqlens ends at {bounds[-1]}, {where}")
+    if cp > 1:
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if (b - a) % (2 * cp):
+                raise ValueError(
+                    f"packed_seq_params: sequence {i} has {b - a} tokens, not divisible by "
+                    f"2 * context_parallel_size ({2 * cp}); pad every packed sequence to a multiple of {2 * cp}"
+                )
 
 
 class _Rope:

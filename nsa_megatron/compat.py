@@ -9,10 +9,13 @@ available. What it patches (measured, see ENVIRONMENT.md):
 * ``torch.cuda.current_device()`` (RoPE ``inv_freq``, buffers, layers) -> ``"cpu"``;
   ``torch.cuda.synchronize`` -> no-op; ``torch.cuda.current_stream()`` (0.19 DDP) -> a
   stream stand-in whose waits are no-ops; ``Tensor.cuda()`` -> the tensor itself;
-* hard-coded ``device="cuda"``, ``pin_memory()`` and ``'torch.cuda.FloatTensor'`` type
-  checks inside a fixed list of megatron functions (optimizer constructors, pipeline
-  schedules, CP RoPE slicing, data broadcast) -> CPU equivalents, only while those
-  functions run.
+* hard-coded ``device="cuda"``, ``pin_memory()`` / ``pin_memory=True`` and
+  ``'torch.cuda.FloatTensor'`` type checks inside a fixed list of megatron functions
+  (optimizer constructors, gradient norm / clipping, pipeline schedules, CP RoPE slicing,
+  data broadcast) -> CPU equivalents, only while those functions run. Modules that imported
+  such a function by name (``rotary_pos_embedding`` and ``yarn_rotary_pos_embedding`` import
+  ``get_pos_emb_on_this_cp_rank``; the optimizers import the ``clip_grads`` functions) get
+  the wrapped function too.
 
 Version shims (``HAVE_TE``, ``MCORE_VERSION``, ``yarn_mscale``) live at the bottom.
 """
@@ -53,7 +56,26 @@ _SCOPED_TARGETS = (
     ("megatron.core.tensor_parallel.data", "_build_key_size_numel_dictionaries"),
     ("megatron.core.distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__"),
     ("megatron.core.utils", "get_batch_on_this_cp_rank"),
+    ("megatron.core.optimizer.clip_grads", "get_grad_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.clip_grads", "count_zeros_fp32"),
 )
+
+# Modules that bind a scoped target under their own name (``from ... import fn``):
+# (target module, function name) -> modules whose attribute of that name is rebound.
+_ALIASES = {
+    ("megatron.core.models.common.embeddings.rope_utils", "get_pos_emb_on_this_cp_rank"): (
+        "megatron.core.models.common.embeddings.rotary_pos_embedding",
+        "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
+    ),
+    **{
+        ("megatron.core.optimizer.clip_grads", fn): (
+            "megatron.core.optimizer.optimizer",
+            "megatron.core.optimizer.layer_wise_optimizer",
+        )
+        for fn in ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32")
+    },
+}
 
 
 def cpu_compat_applied() -> bool:
@@ -187,6 +209,7 @@ def _factory(fn):
     def wrapped(*args, **kwargs):
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # pinned host memory needs a CUDA allocator
         return fn(*args, **kwargs)
 
     return wrapped
@@ -245,16 +268,26 @@ def _wrap_in_cpu_scope(module_name: str, attr: str) -> None:
         cls_name, name = attr.split(".", 1)
         owner = getattr(module, cls_name, None)
     fn = getattr(owner, name, None) if owner is not None else None
-    if fn is None or getattr(fn, "_nsa_cpu_scoped", False):
+    if fn is None:
         return
+    if getattr(fn, "_nsa_cpu_scoped", False):
+        scoped, fn = fn, fn.__wrapped__
+    else:
 
-    @functools.wraps(fn)
-    def scoped(*args, **kwargs):
-        with _cpu_scope():
-            return fn(*args, **kwargs)
+        @functools.wraps(fn)
+        def scoped(*args, **kwargs):
+            with _cpu_scope():
+                return fn(*args, **kwargs)
 
-    scoped._nsa_cpu_scoped = True
-    setattr(owner, name, scoped)
+        scoped._nsa_cpu_scoped = True
+        setattr(owner, name, scoped)
+    for alias_module in _ALIASES.get((module_name, attr), ()):
+        try:
+            alias = importlib.import_module(alias_module)
+        except ImportError:
+            continue
+        if getattr(alias, name, None) is fn:
+            setattr(alias, name, scoped)
 
 
 # ----------------------------------------------------------------------------- versions

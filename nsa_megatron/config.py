@@ -86,8 +86,11 @@ class NSAConfig(TransformerConfig):
     layers); ``None`` means none."""
 
     nsa_cp_mode: str = "ring"
-    """Context-parallel exchange of the NSA core attention: ``"ring"`` (p2p K/V ring) or
-    ``"allgather"`` (all-gather K/V once); used only when context_parallel_size > 1."""
+    """Context-parallel exchange of the NSA core attention, used only when
+    context_parallel_size > 1: ``"ring"`` (selected-block mode: fetch only the selection
+    blocks this rank's queries picked plus the window halo; sequence lengths must be
+    divisible by 2*cp*nsa_slc_block) or ``"allgather"`` (gather the whole K/V once per layer,
+    reduce-scatter dK/dV; lengths divisible by 2*cp). See nsa_megatron/context_parallel/README.md."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,13 +108,23 @@ class NSAConfig(TransformerConfig):
         return layer_index not in (self.nsa_dense_layers or ())
 
     def validate_sequence_length(self, seq_length: int) -> None:
-        """Check a training/inference sequence length against the NSA block sizes.
+        """Check a training/inference sequence length against the NSA block sizes and CP.
+
+        Rules (each error names ``seq_length``, the rule and the fields it comes from):
+
+        * NSA layers need ``seq_length >= nsa_cmp_block`` (at least one compressed token);
+        * ``context_parallel_size`` cp > 1: ``seq_length`` divisible by 2*cp (Megatron's
+          load-balanced split into 2*cp chunks);
+        * cp > 1 with ``nsa_cp_mode="ring"``: divisible by 2*cp*nsa_slc_block (every chunk
+          holds whole selection blocks); ``"allgather"`` has no such rule.
+
+        Packed (THD) batches apply the same rules to every packed sequence at run time
+        (``nsa_attention_cp`` rejects a sequence that breaks them).
 
         Args:
             seq_length: tokens per sequence (the model's max_sequence_length).
         Raises:
-            ValueError naming ``seq_length`` when it cannot form one compression block, or is
-            not divisible by 2 * context_parallel_size (Megatron's load-balanced CP split).
+            ValueError naming ``seq_length`` and the rule it breaks.
         """
         _check_int("seq_length", seq_length, 1)
         if self.attention_type == "nsa" and seq_length < self.nsa_cmp_block:
@@ -120,10 +133,19 @@ class NSAConfig(TransformerConfig):
                 "otherwise no compressed token (and no block score) ever exists"
             )
         cp = self.context_parallel_size
-        if cp > 1 and seq_length % (2 * cp) != 0:
+        if cp <= 1:
+            return
+        if seq_length % (2 * cp) != 0:
             raise ValueError(
                 f"seq_length={seq_length}: must be divisible by 2 * context_parallel_size "
-                f"({2 * cp})"
+                f"({2 * cp}), Megatron's load-balanced context-parallel split into 2*cp chunks"
+            )
+        unit = 2 * cp * self.nsa_slc_block
+        if self.attention_type == "nsa" and self.nsa_cp_mode == "ring" and seq_length % unit != 0:
+            raise ValueError(
+                f"seq_length={seq_length}: nsa_cp_mode='ring' needs it divisible by "
+                f"2 * context_parallel_size * nsa_slc_block = 2*{cp}*{self.nsa_slc_block} = {unit} "
+                "(whole selection blocks per CP chunk); pad the sequence or set nsa_cp_mode='allgather'"
             )
 
     def _validate_nsa(self) -> None:

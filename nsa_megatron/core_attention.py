@@ -19,6 +19,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from nsa_megatron.compression import build_compressor
 from nsa_megatron.config import NSAConfig
+from nsa_megatron.context_parallel.comm import CommCounters
 from nsa_megatron.functional import nsa_attention
 
 __all__ = ["NSACoreAttention"]
@@ -37,6 +38,12 @@ class NSACoreAttention(MegatronModule):
 
     Parameters: ``k_compressor.*`` and ``v_compressor.*``, each with the local KV-head dim
     first; they carry Megatron's tensor-parallel attributes (partition dim 0).
+
+    Attributes:
+        cp_counters: this layer's ``CommCounters`` (bytes this rank sent for context
+            parallelism, by exchange and direction); stays empty when context_parallel_size
+            is 1. Read / reset all layers with
+            ``nsa_megatron.context_parallel.collect_cp_bytes(model, reset=True)``.
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class NSACoreAttention(MegatronModule):
             local_blocks=config.nsa_local_blocks,
         )
         self.backend = config.nsa_backend
+        self.cp_counters = CommCounters()
         device = None
         if torch.cuda.is_available() and not config.use_cpu_initialization:
             device = torch.cuda.current_device()
@@ -162,7 +170,8 @@ class NSACoreAttention(MegatronModule):
         gives access to ``compress`` / the compressors, ``hparams``, ``softmax_scale`` and
         ``backend``; ``cp_kwargs`` carries ``rotary_pos_emb`` (the freqs Megatron passed to
         this layer) and ``packed_seq_params``. ``rope_cmp`` is None under CP: compressed-key
-        positions are global and only the CP implementation knows them.
+        positions are global and only the CP implementation knows them. ``cu_seqlens`` are
+        the global pack's boundaries. Bytes sent are counted in ``self.cp_counters``.
         """
         try:
             cp = importlib.import_module("nsa_megatron.context_parallel")
@@ -175,14 +184,15 @@ class NSACoreAttention(MegatronModule):
         return fn(
             q, k, v, k_win, v_win, k_cmp_src, v_cmp_src, gates, cu_seqlens,
             core=self, rope_cmp=rope_cmp, cp_group=self.pg_collection.cp,
-            cp_mode=self.config.nsa_cp_mode, **cp_kwargs,
+            cp_mode=self.config.nsa_cp_mode, counters=self.cp_counters, **cp_kwargs,
         )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Distributed-checkpoint view: compressor params sharded along their KV-head dim (TP).
 
         Reloading under a different TP size works because each tensor is described by its
-        global shape and this rank's slice of dim 0.
+        global shape and this rank's slice of dim 0; DP and CP ranks hold replicas (replica
+        ids from the dp x cp group), so checkpoints save under any DP / CP size.
         """
         state_dict = self.state_dict(prefix="", keep_vars=True)
         axis_map = {name: getattr(t, "nsa_kv_head_dim", 0) for name, t in state_dict.items()
@@ -190,6 +200,15 @@ class NSACoreAttention(MegatronModule):
         kwargs = {}
         if _accepts(make_sharded_tensors_for_checkpoint, "tp_group") and self.pg_collection.tp is not None:
             kwargs["tp_group"] = self.pg_collection.tp
+            # Megatron computes replica ids from (tp, dp x cp) ranks; with only tp_group given
+            # it would treat every DP/CP replica as the main copy and refuse to save.
+            if _accepts(make_sharded_tensors_for_checkpoint, "dp_cp_group"):
+                dp_cp = getattr(self.pg_collection, "dp_cp", None)
+                if dp_cp is None:
+                    from megatron.core import parallel_state
+
+                    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+                kwargs["dp_cp_group"] = dp_cp
         return make_sharded_tensors_for_checkpoint(state_dict, prefix, axis_map, sharded_offsets, **kwargs)
 
 
