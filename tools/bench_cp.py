@@ -7,7 +7,7 @@ step is the slower rank's; bytes are what each rank sent per step, by exchange. 
 benchmarks/cp-<date>.json and .md (BENCHMARKS.md format), with the cuDNN dense baseline
 measured in the same run.
 
-    python tools/bench_cp.py --seq 131072            # needs 2 GPUs for the CP=2 rows
+    python tools/bench_cp.py --seq 131072 --worlds 2,4   # CP=2/4 rows need that many GPUs
 """
 from __future__ import annotations
 
@@ -156,6 +156,7 @@ def main():
     p.add_argument("--dqk", type=int, default=128)
     p.add_argument("--dv", type=int, default=128)
     p.add_argument("--modes", default="ring,allgather")
+    p.add_argument("--worlds", default="2", help="CP sizes to run beside CP=1, e.g. 2,4 (those that fit the GPUs)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dense", default="cudnn", help="dense baseline(s) of tools/bench_kernels ('' for none)")
     p.add_argument("--skip-cp1-path", action="store_true", help="skip CP=1 through nsa_attention_cp")
@@ -174,12 +175,13 @@ def main():
     if not args.skip_cp1_path:
         rows.append(bench_cp(*shape, 1, modes[0], args.reps))
         print({k: v for k, v in rows[-1].items() if k != "per_rank"}, flush=True)
-    if torch.cuda.device_count() >= 2:
+    for world in (int(w) for w in args.worlds.split(",") if w):
+        if world > torch.cuda.device_count():
+            print(f"only {torch.cuda.device_count()} GPUs: no CP={world} rows")
+            continue
         for mode in modes:
-            rows.append(bench_cp(*shape, 2, mode, args.reps))
+            rows.append(bench_cp(*shape, world, mode, args.reps))
             print({k: v for k, v in rows[-1].items() if k != "per_rank"}, flush=True)
-    else:
-        print("fewer than 2 GPUs: no CP=2 rows")
     write(rows, args, args.out)
 
 

@@ -1,6 +1,7 @@
-"""CP on two GPUs (NCCL, Triton branch kernels, bf16) against the float64 one-process reference.
+"""CP on 2 and 4 GPUs (NCCL, Triton branch kernels, bf16) against the float64 one-process reference.
 
-Run on the 2-GPU machine: ``pytest -m multigpu tests/nsa_megatron/context_parallel/test_cp_gpu.py``.
+Run on a multi-GPU machine: ``pytest -m multigpu tests/nsa_megatron/context_parallel/test_cp_gpu.py``
+(CP=4 cases skip with fewer than 4 GPUs).
 """
 import pytest
 import torch
@@ -18,16 +19,19 @@ def _gpu_worker(rank, world, p, mode, backend):
     return cp_worker(rank, world, p, mode, device=f"cuda:{rank}", backend=backend)
 
 
+@pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("mode", ["ring", "allgather"])
 @pytest.mark.parametrize("dtype,backend,tol", [(torch.bfloat16, "triton", 1e-2), (torch.float32, "triton", 2e-3),
                                                (torch.float32, "reference", 1e-5)])
-def test_cp2_nccl_matches_reference(mode, dtype, backend, tol):
+def test_cp_nccl_matches_reference(world, mode, dtype, backend, tol):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
     seqlens = [4096, 2048]
     base = make_problem(seqlens, hq=16, hkv=2, dqk=64, dv=64, hp=HP, seed=11, dtype=torch.float64)
     p = as_dtype(base, dtype)
     exact = as_dtype(p, torch.float64)  # the same (rounded) inputs, computed in float64
     o_ref, idx_ref, g_ref = reference_run(exact, device="cuda:0")
-    results = run_nccl(_gpu_worker, 2, p, mode, backend, timeout=600)
+    results = run_nccl(_gpu_worker, world, p, mode, backend, timeout=600)
     o, idx, grads = merge_results(results, p)
     assert rel_err(o, o_ref.cpu()) <= tol
     for name, ref in g_ref.items():
