@@ -17,7 +17,8 @@ from .inputs import rel_err
 HP = dict(cmp_block=8, cmp_stride=4, slc_block=16, topk=3, window=20, init_blocks=1, local_blocks=1)
 
 
-def _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale):
+def _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale, chosen=None):
+    """Float64 decode step per sequence; ``chosen`` [B, HKV, n] replaces the reference's own top-n."""
     outs, picks = [], []
     for b, n in enumerate(lengths):
         pos = torch.tensor([n - 1])
@@ -29,6 +30,8 @@ def _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale):
                                 num_blocks=-(-n // hp["slc_block"]))
         blocks = R.select_blocks(sc, pos, slc_block=hp["slc_block"], topk=hp["topk"],
                                  init_blocks=hp["init_blocks"], local_blocks=hp["local_blocks"])
+        if chosen is not None:
+            blocks = chosen[b:b + 1].long()
         o_s, _ = R.selected_attention(q[b:b + 1], k[b, :n], v[b, :n], pos, blocks, slc_block=hp["slc_block"],
                                       scale=scale)
         o_w, _ = R.window_attention(q[b:b + 1], kw[b, :n], vw[b, :n], pos, window=hp["window"], scale=scale)
@@ -38,7 +41,9 @@ def _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale):
     return torch.cat(outs), torch.cat(picks)
 
 
-def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_splits=2):
+def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_splits=2, kernel_blocks=False):
+    """Kernel vs reference on one random batch; ``kernel_blocks``: the reference reads the
+    blocks the kernel chose (its own choice is still returned as ref_b)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
     B, cap = len(lengths), max(lengths) + 5
@@ -56,6 +61,8 @@ def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_spl
                            torch.tensor(lengths, dtype=torch.int32, device=dev), scale=scale,
                            k_win=f(kw) if independent else None, v_win=f(vw) if independent else None,
                            return_block_indices=True, num_splits=num_splits, **hp)
+    if kernel_blocks:
+        ref_o, _ = _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale, chosen=bi.cpu())
     return o.double().cpu(), bi.cpu(), ref_o, ref_b
 
 
@@ -100,7 +107,10 @@ def test_decode_gpu_real_sizes_and_cuda_graph():
     """H100: HQ=64, HKV=4, D=128, paper hyper-parameters, bf16, lengths up to 64k; graph replay."""
     hp = dict(cmp_block=32, cmp_stride=16, slc_block=64, topk=16, window=512, init_blocks=1, local_blocks=2)
     lengths = [65536, 5000, 777, 31]
-    o, bi, ref_o, ref_b = _run(lengths, 64, 4, 128, 128, torch.bfloat16, hp, num_splits=None, seed=2)
+    # bf16 may flip a choice between blocks whose scores tie within rounding (NSA_SPEC.md):
+    # the output is checked on the kernel's own choice, the choice against the reference's.
+    o, bi, ref_o, ref_b = _run(lengths, 64, 4, 128, 128, torch.bfloat16, hp, num_splits=None, seed=2,
+                               kernel_blocks=True)
     assert rel_err(o, ref_o) <= 1e-2
     assert (bi == ref_b).all(-1).float().mean() >= 0.9
     dev = torch.device("cuda")
