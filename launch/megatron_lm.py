@@ -13,6 +13,27 @@ or, in your own script::
     pretrain(datasets_provider, nsa_model_provider, ModelType.encoder_or_decoder, forward_step,
              extra_args_provider=add_nsa_args)
 
+Two ``pretrain()`` APIs exist and ``main()`` detects which one is installed:
+
+* classic Megatron-LM: ``pretrain(datasets_provider, model_provider, model_type, forward_step,
+  extra_args_provider=..., args_defaults=...)`` parses the command line itself;
+* config container (the ``megatron.training`` shipped in the megatron-core 0.19 wheel):
+  ``pretrain(cfg_container, datasets_provider, model_type, forward_step, model_provider=...)``;
+  the command line is parsed first (``parse_and_validate_args`` with ``add_nsa_args``) and
+  turned into a ``PretrainConfigContainer`` whose ``model`` is left empty, so Megatron builds
+  the model with ``nsa_model_provider``.
+
+In your own script on the container API::
+
+    args = parse_megatron_args()
+    pretrain(build_config_container(args), datasets_provider, ModelType.encoder_or_decoder,
+             forward_step, model_provider=nsa_model_provider)
+
+Without TransformerEngine and Apex, add ``--transformer-impl local --no-rope-fusion
+--no-gradient-accumulation-fusion --no-persist-layer-norm`` (Megatron's defaults ask for their
+fused kernels). On megatron-core 0.19 also pass ``--eval-interval`` (its default, None, breaks
+the sample-count arithmetic inside ``pretrain()``).
+
 ``megatron.training`` (Megatron-LM, shipped in the megatron-core wheel from 0.19 on Python
 3.12) is imported only inside functions, so this module imports anywhere.
 """
@@ -20,7 +41,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 from functools import partial
+from typing import Any, Callable, Dict, Optional
+
+ARGS_DEFAULTS: Dict[str, Any] = {"tokenizer_type": "GPT2BPETokenizer"}
+"""Defaults applied to Megatron-LM's parsed args when the command line leaves them unset."""
 
 NSA_FLAGS = ("cmp_block", "cmp_stride", "slc_block", "topk", "window", "init_blocks",
              "local_blocks", "compressor", "branch_kv", "backend", "v_head_dim", "cp_mode")
@@ -54,6 +80,8 @@ def nsa_model_provider(pre_process: bool = True, post_process: bool = True, vp_s
 
     Extra keyword arguments newer Megatron-LM versions pass (``config``, ``pg_collection``)
     are accepted and ignored: the config is rebuilt from the args as NSAConfig.
+    ``--transformer-impl local`` builds Megatron's local modules even where
+    TransformerEngine imports; any other value uses TE when it imports.
     """
     from megatron.training import get_args
     from megatron.training.arguments import core_transformer_config_from_args
@@ -69,6 +97,7 @@ def nsa_model_provider(pre_process: bool = True, post_process: bool = True, vp_s
         position_embedding_type=margs.position_embedding_type,
         share_embeddings_and_output_weights=not margs.untie_embeddings_and_output_weights,
         rotary_base=margs.rotary_base, vp_stage=vp_stage,
+        use_te=False if getattr(margs, "transformer_impl", None) == "local" else None,
     )
 
 
@@ -82,17 +111,65 @@ def _loss_func(loss_mask, output_tensor):
     return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
 
 
+_BATCH_DTYPES = {"tokens": "int64", "labels": "int64", "loss_mask": "float32", "position_ids": "int64"}
+
+
+def get_batch(data_iterator) -> Optional[Dict[str, Any]]:
+    """This rank's micro batch: read on TP rank 0, broadcast over TP, zig-zag sliced over CP.
+
+    Written against ``parallel_state`` and ``torch.distributed`` only, because the batch
+    helpers of ``megatron.training`` / ``megatron.core.utils`` changed signature between
+    versions. Returns None on pipeline stages that are neither first nor last (they receive
+    activations, not tokens).
+
+    Returns:
+        dict with ``tokens``, ``labels``, ``position_ids`` (int64 [b, s]), ``loss_mask``
+        (float32 [b, s]) and ``attention_mask`` (bool [b, 1, s, s], or None unless
+        ``--create-attention-mask-in-dataloader``), on the current CUDA device (CPU without CUDA).
+    """
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.training import get_args
+
+    from nsa_megatron.context_parallel.layout import ZigzagLayout
+
+    if not (ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage()):
+        return None
+    args = get_args()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    b, s = args.micro_batch_size, args.seq_length
+    shapes = {k: ((b, s), getattr(torch, d)) for k, d in _BATCH_DTYPES.items()}
+    if args.create_attention_mask_in_dataloader:
+        shapes["attention_mask"] = ((b, 1, s, s), torch.bool)
+    if ps.get_tensor_model_parallel_rank() == 0:
+        data = next(data_iterator)
+        batch = {k: data[k].to(device=device, dtype=dtype, non_blocking=True) for k, (_, dtype) in shapes.items()}
+    else:
+        batch = {k: torch.empty(shape, dtype=dtype, device=device) for k, (shape, dtype) in shapes.items()}
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        src, group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+        for tensor in batch.values():
+            torch.distributed.broadcast(tensor, src, group=group)
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        index = ZigzagLayout([batch["tokens"].shape[1]], cp).global_to_local_index(
+            ps.get_context_parallel_rank(), device)
+        for key in _BATCH_DTYPES:
+            batch[key] = batch[key].index_select(1, index)
+        if "attention_mask" in batch:
+            batch["attention_mask"] = batch["attention_mask"].index_select(2, index)
+    batch.setdefault("attention_mask", None)
+    return batch
+
+
 def forward_step(data_iterator, model):
     """Megatron-LM forward step: TP-broadcast batch, CP slice, model, token-summed loss."""
-    from megatron.core import parallel_state
-    from megatron.training.utils import get_batch_on_this_cp_rank, get_batch_on_this_tp_rank
-
-    if parallel_state.is_pipeline_first_stage() or parallel_state.is_pipeline_last_stage():
-        batch = get_batch_on_this_cp_rank(get_batch_on_this_tp_rank(data_iterator))
-        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-        attention_mask, position_ids = batch.get("attention_mask"), batch["position_ids"]
-    else:
+    batch = get_batch(data_iterator)
+    if batch is None:
         tokens = labels = loss_mask = attention_mask = position_ids = None
+    else:
+        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+        attention_mask, position_ids = batch["attention_mask"], batch["position_ids"]
     output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(_loss_func, loss_mask)
 
@@ -126,13 +203,77 @@ def datasets_provider(train_val_test_num_samples, vp_stage=None):
 datasets_provider.is_distributed = True
 
 
+def pretrain_api(pretrain_fn: Callable) -> str:
+    """Which ``megatron.training.pretrain`` signature ``pretrain_fn`` has.
+
+    Returns:
+        ``"classic"`` (``extra_args_provider`` / ``args_defaults`` keywords, parses the
+        command line itself) or ``"container"`` (first parameter ``cfg_container``).
+    Raises:
+        RuntimeError naming the signature when it is neither.
+    """
+    params = inspect.signature(pretrain_fn).parameters
+    if "extra_args_provider" in params:
+        return "classic"
+    if next(iter(params), None) == "cfg_container":
+        return "container"
+    raise RuntimeError(f"megatron.training.pretrain{inspect.signature(pretrain_fn)}: unknown pretrain() API, "
+                       "expected extra_args_provider= (Megatron-LM) or a leading cfg_container")
+
+
+def parse_megatron_args(args_defaults: Optional[Dict[str, Any]] = None):
+    """Container API: parse and validate the command line (Megatron-LM flags + NSA flags).
+
+    Sets Megatron's global args, tokenizer and timers, as ``pretrain()`` of the classic API
+    does internally. Only for the container API (``megatron.training.arguments`` with
+    ``parse_and_validate_args``).
+
+    Args:
+        args_defaults: values for args the command line leaves unset (default ``ARGS_DEFAULTS``).
+    Returns:
+        The validated ``argparse.Namespace`` (also ``megatron.training.get_args()``).
+    """
+    from megatron.training.arguments import parse_and_validate_args
+
+    defaults = dict(ARGS_DEFAULTS if args_defaults is None else args_defaults)
+    return parse_and_validate_args(extra_args_provider=add_nsa_args, args_defaults=defaults)
+
+
+def build_config_container(args):
+    """Container API: the ``PretrainConfigContainer`` for ``pretrain()`` from parsed args.
+
+    ``model`` is left None on purpose: Megatron's ``setup_model_and_optimizer`` then builds
+    the model with the ``model_provider`` passed to ``pretrain()`` (``nsa_model_provider``,
+    which makes the NSAConfig from the same args), instead of its own GPT builder that knows
+    no NSA layers. Building the container without a model config makes Megatron warn that
+    a ModelConfig is recommended; that warning is expected here.
+
+    Args:
+        args: namespace from ``parse_megatron_args``.
+    Returns:
+        PretrainConfigContainer (train, optimizer, scheduler, DDP, checkpoint, logger ... configs).
+    """
+    import warnings
+
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*recommended to use a ModelConfig")
+        return pretrain_cfg_container_from_args(args, None)
+
+
 def main() -> None:
-    """``pretrain_gpt.py`` with NSA: all Megatron-LM flags plus the NSA ones."""
+    """``pretrain_gpt.py`` with NSA: all Megatron-LM flags plus the NSA ones, either pretrain API."""
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
 
-    pretrain(datasets_provider, nsa_model_provider, ModelType.encoder_or_decoder, forward_step,
-             args_defaults={"tokenizer_type": "GPT2BPETokenizer"}, extra_args_provider=add_nsa_args)
+    if pretrain_api(pretrain) == "classic":
+        pretrain(datasets_provider, nsa_model_provider, ModelType.encoder_or_decoder, forward_step,
+                 args_defaults=dict(ARGS_DEFAULTS), extra_args_provider=add_nsa_args)
+        return
+    cfg_container = build_config_container(parse_megatron_args())
+    pretrain(cfg_container, datasets_provider, ModelType.encoder_or_decoder, forward_step,
+             model_provider=nsa_model_provider)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,25 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, n_tokens.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), n_tokens])}
 
 
-def _forward_step(data_iterator: Iterator, model, cp_size: int = 1):
-    from megatron.core.utils import get_batch_on_this_cp_rank
+def _batch_on_this_cp_rank(batch: Dict[str, torch.Tensor], cp_size: int) -> Dict[str, torch.Tensor]:
+    """Megatron's zig-zag share ([b, s] -> [b, s/cp]: chunks r and 2cp-1-r of every row).
 
+    Done here rather than with ``megatron.core.utils.get_batch_on_this_cp_rank``, whose
+    signature changed between megatron-core 0.16 and 0.19.
+    """
+    from megatron.core import parallel_state
+
+    from nsa_megatron.context_parallel import zigzag_split
+
+    rank = parallel_state.get_context_parallel_rank()
+    return {k: zigzag_split(v.transpose(0, 1), None, cp_size, rank).transpose(0, 1).contiguous()
+            for k, v in batch.items()}
+
+
+def _forward_step(data_iterator: Iterator, model, cp_size: int = 1):
     batch = {k: v.to(device(), non_blocking=True) for k, v in next(data_iterator).items()}
     if cp_size > 1:
-        batch = get_batch_on_this_cp_rank(batch)
+        batch = _batch_on_this_cp_rank(batch, cp_size)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 

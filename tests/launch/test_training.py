@@ -101,3 +101,14 @@ def test_mpirun_two_ranks_match_torchrun(two_rank_reference, tmp_path, cache_dir
     out = run([str(mpiexec), "-n", "2", str(BIN / "python"), ENTRY, *_dp_args(tmp_path, cache_dir)], timeout=150)
     assert "(mpi, gloo)" in out.stdout
     assert train_losses(tmp_path / "metrics.jsonl") == two_rank_reference
+
+
+@pytest.mark.parametrize("cp_mode", ["ring", "allgather"])
+def test_context_parallel_two_ranks_match_data_parallel(two_rank_reference, tmp_path, cache_dir, cp_mode):
+    """CP=2 splits each sequence where DP=2 splits the batch: the same global step, same losses."""
+    run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", ENTRY, *_dp_args(tmp_path, cache_dir),
+         "context_parallel_size=2", f"nsa.cp_mode={cp_mode}"], timeout=150)
+    got = train_losses(tmp_path / "metrics.jsonl")
+    assert got.keys() == two_rank_reference.keys()
+    for it, want in two_rank_reference.items():
+        assert abs(got[it] - want) <= 1e-4 * abs(want), f"iteration {it}: CP {got[it]!r} vs DP {want!r}"
