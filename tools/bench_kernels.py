@@ -168,9 +168,10 @@ def pair_counts(T: int) -> dict:
     return {"cmp": float(cmp), "win": float(win), "slc": float(slc)}
 
 
-def sweep(T, hq, hkv, dqk, dv, reps):
+def sweep(T, hq, hkv, dqk, dv, reps, only=()):
     """Time every kernel alone under each SWEEP shape at length T; rows with ms and TFLOP/s
-    (FLOPs of the visible pairs only: fwd 2(Dqk+Dv), dq 2(2Dqk+Dv), dkdv 4(Dqk+Dv) per pair)."""
+    (FLOPs of the visible pairs only: fwd 2(Dqk+Dv), dq 2(2Dqk+Dv), dkdv 4(Dqk+Dv), qk 2 Dqk per
+    pair); ``only``: kernel-name prefixes to time (all when empty)."""
     import nsa_kernels.dense as dense
     import nsa_kernels.selected as selected
 
@@ -191,10 +192,12 @@ def sweep(T, hq, hkv, dqk, dv, reps):
     kv = {"cmp": (k_cmp, v_cmp, kc_cu), "win": (k, v, cu)}
     sel_kw = {n: HP[n] for n in ("cmp_block", "cmp_stride", "slc_block", "topk", "init_blocks", "local_blocks")}
     pairs = pair_counts(T)
-    flop = {"fwd": 2 * (dqk + dv), "dq": 2 * (2 * dqk + dv), "dkdv": 4 * (dqk + dv)}
+    flop = {"fwd": 2 * (dqk + dv), "dq": 2 * (2 * dqk + dv), "dkdv": 4 * (dqk + dv), "qk": 2 * dqk}
     rows = []
 
     def run(name, kernel, cfg, fn, branch):
+        if only and not any(name.startswith(o) for o in only):
+            return
         try:
             ms = timed(fn, reps, warmup=1)
         except Exception as err:  # a shape that does not fit (shared memory) is a result too
@@ -219,7 +222,7 @@ def sweep(T, hq, hkv, dqk, dv, reps):
                                     cmp_stride=HP["cmp_stride"], slc_block=HP["slc_block"], scale=scale,
                                     budget_bytes=256 << 20):
                 pass
-        run("scores", "fwd", {}, scores_only, "cmp")
+        run("scores", "qk", {}, scores_only, "cmp")
         for br, gi in (("cmp", 0), ("win", 2)):
             kk, vv, kcu = kv[br]
             for cfg in SWEEP["dense:fwd"]:
@@ -247,14 +250,14 @@ def sweep(T, hq, hkv, dqk, dv, reps):
     return rows
 
 
-def bench_dense(T, hq, hkv, d, backend, reps):
+def bench_dense(T, hq, hkv, d, backend, reps, dv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
     g = torch.Generator(device="cuda").manual_seed(T + 1)
     q = torch.randn(1, hq, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     k = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    v = torch.randn(1, hkv, T, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(1, hkv, T, dv or d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
 
     def fwd():
         with sdpa_kernel(which):
@@ -343,9 +346,11 @@ def main():
     p.add_argument("--out", default="benchmarks")
     p.add_argument("--tag", default="")
     p.add_argument("--sweep", type=int, default=0, help="time each kernel's candidate shapes at this length")
+    p.add_argument("--sweep-only", default="", help="comma-separated kernel-name prefixes for --sweep")
     args = p.parse_args()
     if args.sweep:
-        rows = sweep(args.sweep, args.heads, args.kv_heads, args.dqk, args.dv, reps=5)
+        rows = sweep(args.sweep, args.heads, args.kv_heads, args.dqk, args.dv, reps=5,
+                     only=tuple(filter(None, args.sweep_only.split(","))))
         doc = {"topic": "kernels-sweep", "date": datetime.date.today().isoformat(),
                "card": torch.cuda.get_device_name(), "gpus": 1, "commit": commit(), "seq": args.sweep,
                "shape": {"heads": args.heads, "kv_heads": args.kv_heads, "qk_dim": args.dqk, "v_dim": args.dv,
@@ -363,10 +368,8 @@ def main():
         print(rows[-1], flush=True)
         torch.cuda.empty_cache()
         for backend in filter(None, args.dense.split(",")):
-            if args.dqk != args.dv:
-                continue
             try:
-                rows.append(bench_dense(T, args.heads, args.kv_heads, args.dqk, backend, reps))
+                rows.append(bench_dense(T, args.heads, args.kv_heads, args.dqk, backend, reps, dv=args.dv))
                 print(rows[-1], flush=True)
             except RuntimeError as err:
                 print(f"{backend} at {T}: {err}")
