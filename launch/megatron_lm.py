@@ -262,10 +262,29 @@ def build_config_container(args):
         return pretrain_cfg_container_from_args(args, None)
 
 
+def use_prebuilt_dataset_helpers() -> bool:
+    """Skip Megatron's run-time ``make`` of the dataset helpers when the wheel ships them built.
+
+    megatron-core wheels carry ``helpers_cpp`` compiled but no Makefile, so
+    ``compile_helpers()`` (called by ``initialize_megatron``) fails there. Returns True when
+    the prebuilt extension imports and the compile step was replaced.
+    """
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError:
+        return False
+    import megatron.core.datasets.utils as dataset_utils
+
+    dataset_utils.compile_helpers = lambda: None
+    return True
+
+
 def main() -> None:
     """``pretrain_gpt.py`` with NSA: all Megatron-LM flags plus the NSA ones, either pretrain API."""
     from megatron.core.enums import ModelType
     from megatron.training import pretrain
+
+    use_prebuilt_dataset_helpers()
 
     if pretrain_api(pretrain) == "classic":
         pretrain(datasets_provider, nsa_model_provider, ModelType.encoder_or_decoder, forward_step,

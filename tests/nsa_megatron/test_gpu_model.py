@@ -22,7 +22,7 @@ def _run(rank, world):
                           pipeline_dtype=torch.bfloat16, use_cpu_initialization=False)
         model = gpt_model_provider(cfg, VOCAB, SEQ).cuda()
         if state is None:
-            state = {k: v.clone() for k, v in model.state_dict().items()}
+            state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
         model.load_state_dict(state)
         tokens, labels = (x.cuda() for x in global_batch())
         positions = torch.arange(SEQ, device="cuda").expand(tokens.shape[0], SEQ)
