@@ -48,4 +48,5 @@ def test_hf_tokenizer_json(tmp_path):
     src.write_text("hello world hello")
     prefix = tmp_path / "hf"
     assert preprocess_main(["--input", str(src), "--output-prefix", str(prefix), "--tokenizer", str(path)]) == 0
-    np.testing.assert_array_equal(IndexedDataset(str(prefix))[0], [2, 3, 2, 0])
+    dataset = IndexedDataset(str(prefix))  # kept alive: its items are views of its memory map
+    np.testing.assert_array_equal(dataset[0], [2, 3, 2, 0])
