@@ -83,6 +83,9 @@ def bench_plain(T, hq, hkv, dqk, dv, reps):
 def _cp_worker(rank, world, T, hq, hkv, dqk, dv, mode, reps):
     from nsa_megatron.context_parallel import CommCounters, nsa_attention_cp
 
+    # One host thread per rank, as torchrun sets (OMP_NUM_THREADS=1): spawned ranks otherwise each
+    # start one thread per core and oversubscribe the host's small CPU-side tensor ops.
+    torch.set_num_threads(1)
     torch.cuda.reset_peak_memory_stats()
     x, kc, vc = _inputs(T, hq, hkv, dqk, dv, f"cuda:{rank}", world, rank)
     counters = CommCounters()
@@ -93,11 +96,44 @@ def _cp_worker(rank, world, T, hq, hkv, dqk, dv, mode, reps):
                                 backend="triton", counters=counters, **HP)
 
     row = _time_step(fwd, [*x.values(), *kc.parameters(), *vc.parameters()], reps)
+    try:
+        row["fwd_stages_ms"] = _fwd_stages(fwd)
+    except Exception as exc:  # diagnostics only: never lose the timing row
+        row["fwd_stages_ms"] = {"error": repr(exc)}
     counters.reset()
     out = fwd()
     out.backward(torch.ones_like(out))
     row.update(bytes=counters.snapshot(), max_mem_gib=torch.cuda.max_memory_allocated() / 2**30)
     return row
+
+
+def _fwd_stages(fwd) -> dict:
+    """CUDA time per forward stage (ms, one profiled call): the CP functions by name, the kernels
+    by family, and the number of host synchronisations (cudaStreamSynchronize / DeviceSynchronize)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fwd()
+        torch.cuda.synchronize()
+    out = {"syncs": 0}
+    families = ("_dense_fwd", "_block_scores", "_top_blocks", "_slc_fwd", "_combine_fwd", "nccl", "gemm", "index",
+                "cat", "elementwise", "scatter", "reduce")
+    for e in prof.key_averages():
+        name = e.key
+        if name in ("cudaStreamSynchronize", "cudaDeviceSynchronize"):
+            out["syncs"] += e.count
+        dev_us = getattr(e, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "cuda_time_total", 0)
+        if not dev_us:
+            continue
+        low = name.lower()
+        fam = next((f for f in families if f.lower() in low), None)
+        if fam and not name.startswith("aten::"):
+            out[fam] = out.get(fam, 0.0) + dev_us / 1e3
+    out["cpu_wall_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def bench_cp(T, hq, hkv, dqk, dv, world, mode, reps):
@@ -107,6 +143,7 @@ def bench_cp(T, hq, hkv, dqk, dv, world, mode, reps):
     per_rank = run_nccl(_cp_worker, world, T, hq, hkv, dqk, dv, mode, reps, timeout=900)
     row = {"impl": f"nsa-cp{world}-{mode}", "seq": T, "gpus": world,
            "fwd_ms": max(r["fwd_ms"] for r in per_rank), "bwd_ms": max(r["bwd_ms"] for r in per_rank),
+           "fwd_stages_ms": per_rank[0].get("fwd_stages_ms"),
            "per_rank": per_rank,
            "bytes_sent_fwd": [sum(v for k, v in r["bytes"].items() if k.endswith(".fwd")) for r in per_rank],
            "bytes_sent_bwd": [sum(v for k, v in r["bytes"].items() if k.endswith(".bwd")) for r in per_rank],

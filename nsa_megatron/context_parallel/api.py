@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -14,6 +15,7 @@ from .branches import get_branches
 from .comm import GLOBAL_COUNTERS, CommCounters
 from .common import CPContext, compress_and_gather, tie_outputs
 from .layout import ZigzagLayout
+from .plan import static_plan
 from .ring import ring_attention
 
 __all__ = ["nsa_attention_cp", "CP_MODES"]
@@ -34,13 +36,29 @@ def _check(name: str, x, rows: int, heads: Optional[int], ref: torch.Tensor, las
         raise ValueError(f"{name} is {x.dtype} on {x.device}, q is {ref.dtype} on {ref.device}")
 
 
+_LAST_CU: list = [None, -1, None]  # weakref to the last device cu_seqlens, its version, its host copy
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """Host copy of ``cu_seqlens``; a device tensor is read once for all the layers that share it
+    (Megatron passes one tensor per micro-batch), saving a synchronisation per layer."""
+    if cu_seqlens.device.type == "cpu":
+        return [int(b) for b in cu_seqlens.tolist()]
+    ref, version, bounds = _LAST_CU
+    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
+        return list(bounds)
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    _LAST_CU[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
+    return list(bounds)
+
+
 def _global_cu(cu_seqlens: Optional[torch.Tensor], local: int, cp: int) -> list[int]:
     """Global sequence boundaries from global (last = cp*T_local) or local (last = T_local) ones."""
     if cu_seqlens is None:
         return [0, local * cp]
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D int tensor [N+1]")
-    bounds = [int(b) for b in cu_seqlens.tolist()]
+    bounds = _host_bounds(cu_seqlens)
     if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
         raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {bounds}")
     if bounds[-1] == local * cp:
@@ -59,7 +77,8 @@ def _hparams(core, overrides: dict) -> NSAHyperParams:
     return hp
 
 
-def _megatron_rope(core, rotary_pos_emb: torch.Tensor, packed: bool, layout: ZigzagLayout, group):
+def _megatron_rope(core, rotary_pos_emb: torch.Tensor, packed: bool, layout: ZigzagLayout, group,
+                   max_position: int):
     """RoPE of compressed keys from the freqs Megatron hands a CP layer.
 
     BSHD: the table holds this rank's positions of one sequence ([S/cp, 1, 1, D], zig-zag
@@ -73,11 +92,12 @@ def _megatron_rope(core, rotary_pos_emb: torch.Tensor, packed: bool, layout: Zig
     per_seq = layout.local_tokens // max(1, len(layout.seqlens))
     mscale = yarn_mscale(core.config)
 
+    needed = (max_position + 1) if packed else min(per_seq, layout.local_tokens)
+    if max_position >= 0 and needed > rotary_pos_emb.shape[0]:
+        raise ValueError(f"rotary_pos_emb: {rotary_pos_emb.shape[0]} rows, compressed keys need {needed}")
+
     def rotate(x, positions, local_rows):
         index = positions if packed else local_rows % per_seq
-        if index.numel() and int(index.max()) >= rotary_pos_emb.shape[0]:
-            raise ValueError(f"rotary_pos_emb: {rotary_pos_emb.shape[0]} rows, compressed keys need "
-                             f"{int(index.max()) + 1}")
         f = rotary_pos_emb[index.to(rotary_pos_emb.device)]
         return apply_rotary_pos_emb(x.unsqueeze(1), f, config=core.config, cu_seqlens=None, mscale=mscale,
                                     cp_group=group).squeeze(1)
@@ -182,17 +202,18 @@ def nsa_attention_cp(
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(dqk)
     branches = get_branches(backend if backend is not None else "auto", q.device)
     ctx = CPContext(layout, rank, cp_group, hp, scale, counters if counters is not None else GLOBAL_COUNTERS,
-                    q.device, branches)
+                    q.device, branches, static_plan(layout, rank, hp, q.device))
 
     rope = None
     if rope_cmp is not None:
         rope = lambda x, positions, local_rows: rope_cmp(x, positions)  # noqa: E731
     elif rotary_pos_emb is not None and core is not None:
         table = rotary_pos_emb[1] if isinstance(rotary_pos_emb, tuple) else rotary_pos_emb
-        rope = _megatron_rope(core, table, packed_seq_params is not None, layout, cp_group)
+        rope = _megatron_rope(core, table, packed_seq_params is not None, layout, cp_group,
+                              ctx.plan.cmp_max_position)
 
-    k_cmp, v_cmp, cu_cmp = compress_and_gather(ctx, k_for_cmp, v_for_cmp, compress_k, compress_v, rope)
+    k_cmp, v_cmp = compress_and_gather(ctx, k_for_cmp, v_for_cmp, compress_k, compress_v, rope)
     mode_fn = ring_attention if cp_mode == "ring" else allgather_attention
-    out, picks = mode_fn(ctx, q, k, v, k_win, v_win, gates, k_cmp, v_cmp, cu_cmp)
+    out, picks = mode_fn(ctx, q, k, v, k_win, v_win, gates, k_cmp, v_cmp)
     out = tie_outputs(out, ctx).to(q.dtype)
     return (out, picks) if return_block_indices else out

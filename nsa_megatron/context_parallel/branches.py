@@ -1,11 +1,12 @@
-"""The NSA branch functions CP calls per segment, on the reference or the Triton kernels.
+"""The NSA branch functions CP calls over all of a rank's segments, on the reference or the Triton kernels.
 
-Every function takes one segment's queries at consecutive positions ``q_pos`` (int64 [S],
-``q_pos[0] + arange(S)``) and keys that form a prefix starting at position 0 (the sequence
-itself, or a CP key store whose positions were remapped), and returns the branch output and
-its natural-log lse. ``reference`` is ``nsa_kernels.reference`` (differentiable by autograd);
-``triton`` wraps the kernel launchers (``dense_attention_*``, ``selected_attention_*``,
-``select_blocks_triton``) in autograd Functions; the lse is returned without gradient.
+Two calls per layer and rank: ``compressed_and_select`` (branch 1 and the top-n blocks) and
+``attend`` (branches 2 and 3 and the gated sum). Segment b of a ``plan.SegLayout`` has queries at
+consecutive positions from ``pos0[b]`` and a key run that is a prefix from position 0 (of the
+sequence, or of a CP key store whose positions were remapped). ``triton`` launches each kernel
+once over all segments (the kernels' packed ``Varlen`` layout) and fuses the gated sum and every
+branch's backward into one autograd Function, like the one-GPU path; ``reference`` runs
+``nsa_kernels.reference`` segment by segment under autograd.
 """
 from __future__ import annotations
 
@@ -18,115 +19,136 @@ __all__ = ["get_branches", "BACKENDS"]
 BACKENDS = ("auto", "reference", "triton")
 
 
-def _layout(q: torch.Tensor, q_pos: torch.Tensor, num_keys: int):
-    from nsa_kernels.varlen import Varlen
-
-    dev = q.device
-    first = int(q_pos[0]) if q_pos.numel() else 0
-    layout = Varlen.build(torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev),
-                          torch.tensor([first], dtype=torch.int32, device=dev))
-    return layout, torch.tensor([0, num_keys], dtype=torch.int32, device=dev)
+def _segments(lay):
+    """(query rows, key rows, first position) of every segment of a ``SegLayout``."""
+    for b in range(lay.num_segments):
+        yield slice(lay.q_cu[b], lay.q_cu[b + 1]), slice(lay.k_cu[b], lay.k_cu[b + 1]), lay.pos0[b]
 
 
-class _DenseBranch(torch.autograd.Function):
-    """Compressed (key_stride=d, key_offset=l-1) or window (key_stride=1, window=w) attention."""
+class _CPAttention(torch.autograd.Function):
+    """Selected + window branches and the gated sum over all segments (one launch each), with the
+    compressed branch's backward: the CP counterpart of ``nsa_kernels.function.NSATritonFunction``.
+
+    The compressed branch's forward (o_cmp, lse_cmp) ran before (selection needs it); it comes in
+    as non-differentiable tensors and its backward runs here, from the saved inputs.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, q_pos, key_stride, key_offset, window, scale):
+    def forward(ctx, q, kc, vc, ks, vs, kw, vw, gates, o_cmp, lse_cmp, blocks, meta):
+        from nsa_kernels.combine import combine_fwd
         from nsa_kernels.dense import dense_attention_fwd
-
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        layout, k_cu = _layout(q, q_pos, k.shape[0])
-        o, lse = dense_attention_fwd(q, k, v, layout, k_cu, key_stride=key_stride, key_offset=key_offset,
-                                     window=window, scale=scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.meta = (layout, k_cu, key_stride, key_offset, window, scale)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        from nsa_kernels.dense import dense_attention_bwd
-
-        q, k, v, o, lse = ctx.saved_tensors
-        layout, k_cu, key_stride, key_offset, window, scale = ctx.meta
-        do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)
-        dq, dk, dv = dense_attention_bwd(q, k, v, do, lse, delta, layout, k_cu, key_stride=key_stride,
-                                         key_offset=key_offset, window=window, scale=scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
-
-
-class _SelectedBranch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_pos, blocks, slc_block, scale):
         from nsa_kernels.selected import selected_attention_fwd
 
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        blocks = blocks.to(torch.int32).contiguous()
-        layout, k_cu = _layout(q, q_pos, k.shape[0])
-        o, lse = selected_attention_fwd(q, k, v, blocks, layout, k_cu, slc_block=slc_block, scale=scale)
-        ctx.save_for_backward(q, k, v, o, lse, blocks)
-        ctx.meta = (layout, k_cu, slc_block, scale)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
+        lay_c, lay_s, lay_w, hp, scale, shared = meta
+        o_slc, lse_slc = selected_attention_fwd(q, ks, vs, blocks, lay_s.varlen(), lay_s.k_cu_dev(),
+                                                slc_block=hp.slc_block, scale=scale)
+        o_win, lse_win = dense_attention_fwd(q, kw, vw, lay_w.varlen(), lay_w.k_cu_dev(), key_stride=1,
+                                             key_offset=0, window=hp.window, scale=scale)
+        o = combine_fwd(o_cmp, o_slc, o_win, gates)
+        ctx.save_for_backward(q, kc, vc, ks, vs, kw, vw, gates, blocks, o_cmp, o_slc, o_win, lse_cmp, lse_slc,
+                              lse_win)
+        ctx.meta = meta
+        return o
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do):
+        from nsa_kernels.combine import combine_bwd
+        from nsa_kernels.dense import dense_attention_bwd
         from nsa_kernels.selected import selected_attention_bwd
 
-        q, k, v, o, lse, blocks = ctx.saved_tensors
-        layout, k_cu, slc_block, scale = ctx.meta
+        q, kc, vc, ks, vs, kw, vw, gates, blocks, o_cmp, o_slc, o_win, lse_c, lse_s, lse_w = ctx.saved_tensors
+        lay_c, lay_s, lay_w, hp, scale, shared = ctx.meta
         do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)
-        dq, dk, dv = selected_attention_bwd(q, k, v, do, lse, delta, blocks, layout, k_cu,
-                                            slc_block=slc_block, scale=scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dgates, delta = combine_bwd(do, o_cmp, o_slc, o_win, gates)
+        dq, dkc, dvc = dense_attention_bwd(q, kc, vc, do, lse_c, delta[0], lay_c.varlen(), lay_c.k_cu_dev(),
+                                           key_stride=hp.cmp_stride, key_offset=hp.cmp_block - 1, window=0,
+                                           scale=scale, gate=gates[:, :, 0])
+        _, dks, dvs = selected_attention_bwd(q, ks, vs, do, lse_s, delta[1], blocks, lay_s.varlen(),
+                                             lay_s.k_cu_dev(), slc_block=hp.slc_block, scale=scale,
+                                             gate=gates[:, :, 1], dq_acc=dq)
+        acc = (dks, dvs) if shared else (None, None)
+        _, dkw, dvw = dense_attention_bwd(q, kw, vw, do, lse_w, delta[2], lay_w.varlen(), lay_w.k_cu_dev(),
+                                          key_stride=1, key_offset=0, window=hp.window, scale=scale,
+                                          gate=gates[:, :, 2], dq_acc=dq, dk_acc=acc[0], dv_acc=acc[1])
+        win = (None, None) if shared else (dkw.to(kw.dtype), dvw.to(vw.dtype))
+        return (dq.to(q.dtype), dkc.to(kc.dtype), dvc.to(vc.dtype), dks.to(ks.dtype), dvs.to(vs.dtype), *win,
+                dgates, None, None, None, None)
 
 
 class _Triton:
-    """Branch functions on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """Branch functions on the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1): one launch
+    per kernel over all of a rank's segments."""
 
     @staticmethod
-    def compressed_attention(q, k_cmp, v_cmp, q_pos, *, cmp_block, cmp_stride, scale):
-        return _DenseBranch.apply(q, k_cmp, v_cmp, q_pos, cmp_stride, cmp_block - 1, 0, scale)
-
-    @staticmethod
-    def select(q, k_cmp, q_pos, lse, *, cmp_block, cmp_stride, slc_block, topk, init_blocks, local_blocks,
-               scale):
+    def compressed_and_select(q, kc, vc, lay_c, hp, scale):
+        """(o_cmp, lse_cmp, blocks) of every segment, without autograd (``attend`` differentiates)."""
+        from nsa_kernels.dense import dense_attention_fwd
         from nsa_kernels.selection import select_blocks_triton
 
-        layout, kc_cu = _layout(q, q_pos, k_cmp.shape[0])
         with torch.no_grad():
-            return select_blocks_triton(q.detach().contiguous(), k_cmp.detach().contiguous(), lse.contiguous(),
-                                        layout, kc_cu, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                        slc_block=slc_block, topk=topk, init_blocks=init_blocks,
-                                        local_blocks=local_blocks, scale=scale)
+            q, kc, vc = q.detach().contiguous(), kc.detach().contiguous(), vc.detach().contiguous()
+            o, lse = dense_attention_fwd(q, kc, vc, lay_c.varlen(), lay_c.k_cu_dev(), key_stride=hp.cmp_stride,
+                                         key_offset=hp.cmp_block - 1, window=0, scale=scale)
+            blocks = select_blocks_triton(q, kc, lse, lay_c.varlen(), lay_c.k_cu_dev(), cmp_block=hp.cmp_block,
+                                          cmp_stride=hp.cmp_stride, slc_block=hp.slc_block, topk=hp.topk,
+                                          init_blocks=hp.init_blocks, local_blocks=hp.local_blocks, scale=scale)
+        return o, lse, blocks
 
     @staticmethod
-    def selected_attention(q, k, v, q_pos, blocks, *, slc_block, scale):
-        return _SelectedBranch.apply(q, k, v, q_pos, blocks, slc_block, scale)
-
-    @staticmethod
-    def window_attention(q, k, v, q_pos, *, window, scale):
-        return _DenseBranch.apply(q, k, v, q_pos, 1, 0, window, scale)
+    def attend(q, kc, vc, ks, vs, kw, vw, gates, cmp_out, blocks, lay_c, lay_s, lay_w, hp, scale):
+        """o [R, HQ, Dv] in q's dtype: gated sum of the three branches (see ``_CPAttention``)."""
+        o_cmp, lse_cmp, _ = cmp_out
+        shared = kw is ks and vw is vs
+        args = [t.contiguous() for t in (q, kc, vc, ks, vs)]
+        win = args[3:5] if shared else [kw.contiguous(), vw.contiguous()]
+        return _CPAttention.apply(*args, *win, gates.contiguous(), o_cmp, lse_cmp,
+                                  blocks.to(torch.int32).contiguous(),
+                                  (lay_c, lay_s, lay_w, hp, scale, shared))
 
 
 class _Reference:
-    """Branch functions of ``nsa_kernels.reference`` (any device and dtype)."""
-
-    compressed_attention = staticmethod(ref.compressed_attention)
-    selected_attention = staticmethod(ref.selected_attention)
-    window_attention = staticmethod(ref.window_attention)
+    """Branch functions of ``nsa_kernels.reference`` (any device and dtype), segment by segment."""
 
     @staticmethod
-    def select(q, k_cmp, q_pos, lse, *, cmp_block, cmp_stride, slc_block, topk, init_blocks, local_blocks,
-               scale):
-        end = int(q_pos[-1]) + 1 if q_pos.numel() else 0
-        scores = ref.selection_scores(q, k_cmp, q_pos, lse, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                      slc_block=slc_block, scale=scale, num_blocks=-(-end // slc_block))
-        return ref.select_blocks(scores, q_pos, slc_block=slc_block, topk=topk, init_blocks=init_blocks,
-                                 local_blocks=local_blocks)
+    def compressed_and_select(q, kc, vc, lay_c, hp, scale):
+        """(o_cmp with autograd, lse, blocks) of every segment."""
+        outs, lses, picks = [], [], []
+        for rows, keys, pos0 in _segments(lay_c):
+            q_g = q[rows]
+            q_pos = torch.arange(pos0, pos0 + q_g.shape[0], device=q.device)
+            o, lse = ref.compressed_attention(q_g, kc[keys], vc[keys], q_pos, cmp_block=hp.cmp_block,
+                                              cmp_stride=hp.cmp_stride, scale=scale)
+            end = pos0 + q_g.shape[0]
+            scores = ref.selection_scores(q_g, kc[keys], q_pos, lse, cmp_block=hp.cmp_block,
+                                          cmp_stride=hp.cmp_stride, slc_block=hp.slc_block, scale=scale,
+                                          num_blocks=-(-end // hp.slc_block))
+            picks.append(ref.select_blocks(scores, q_pos, slc_block=hp.slc_block, topk=hp.topk,
+                                           init_blocks=hp.init_blocks, local_blocks=hp.local_blocks))
+            outs.append(o)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses), torch.cat(picks).to(torch.int32)
+
+    @staticmethod
+    def attend(q, kc, vc, ks, vs, kw, vw, gates, cmp_out, blocks, lay_c, lay_s, lay_w, hp, scale):
+        """o [R, HQ, Dv] in q's dtype (gated sum in float32, float64 for float64)."""
+        o_cmp = cmp_out[0]
+        outs = []
+        for (rows, k_s, p_s), (_, k_w, p_w) in zip(_segments(lay_s), _segments(lay_w)):
+            q_g = q[rows]
+            n = q_g.shape[0]
+            o_slc, _ = ref.selected_attention(q_g, ks[k_s], vs[k_s], torch.arange(p_s, p_s + n, device=q.device),
+                                              blocks[rows], slc_block=hp.slc_block, scale=scale)
+            o_win, _ = ref.window_attention(q_g, kw[k_w], vw[k_w], torch.arange(p_w, p_w + n, device=q.device),
+                                            window=hp.window, scale=scale)
+            outs.append(_gated_sum(gates[rows], o_cmp[rows], o_slc, o_win))
+        out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], vs.shape[-1])
+        return out.to(q.dtype)
+
+
+def _gated_sum(gates_c, o_cmp, o_slc, o_win):
+    acc = torch.promote_types(o_cmp.dtype, torch.float32)
+    g = gates_c.to(acc)
+    return g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
 
 
 def get_branches(backend: str, device: torch.device):

@@ -146,21 +146,43 @@ class RowExchange:
     """
 
     def __init__(self, want: Sequence[torch.Tensor], group, device, counters: CommCounters, name: str):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        world = dist.get_world_size(group)
         if len(want) != world:
             raise ValueError(f"want: needs one request tensor per rank ({world}), got {len(want)}")
-        self.group, self.counters, self.name, self.rank = group, counters, name, rank
-        self.recv_counts = [int(w.numel()) for w in want]
-        recv = torch.tensor(self.recv_counts, dtype=torch.int64, device=device)
+        recv_counts = [int(w.numel()) for w in want]
+        recv = torch.tensor(recv_counts, dtype=torch.int64, device=device)
         send = torch.empty_like(recv)
         dist.all_to_all_single(send, recv, group=group)
-        self.send_counts = [int(c) for c in send.tolist()]
         requests = torch.cat([w.to(device=device, dtype=torch.int64).reshape(-1) for w in want])
-        self.send_idx = torch.empty(sum(self.send_counts), dtype=torch.int64, device=device)
-        dist.all_to_all_single(self.send_idx, requests, self.send_counts, self.recv_counts, group=group)
+        self._setup(requests, recv_counts, [int(c) for c in send.tolist()], group, counters, name, None)
+
+    @classmethod
+    def planned(cls, requests: Optional[torch.Tensor], recv_counts: Sequence[int], send_counts: Sequence[int],
+                group, counters: CommCounters, name: str, send_idx: Optional[torch.Tensor] = None) -> "RowExchange":
+        """An exchange whose counts are already known on the host (no count exchange, no sync).
+
+        Args:
+            requests: int64 rows wanted from each peer, peer-major (``recv_counts[p]`` for peer p);
+                ignored when ``send_idx`` (the rows the peers want of this rank, peer-major) is given.
+            recv_counts, send_counts: host lists, rows this rank receives from / sends to each peer.
+        """
+        self = cls.__new__(cls)
+        self._setup(requests, list(recv_counts), list(send_counts), group, counters, name, send_idx)
+        return self
+
+    def _setup(self, requests, recv_counts, send_counts, group, counters, name, send_idx):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.group, self.counters, self.name, self.rank = group, counters, name, rank
+        self.recv_counts, self.send_counts = [int(c) for c in recv_counts], [int(c) for c in send_counts]
+        if send_idx is None:
+            send_idx = torch.empty(sum(self.send_counts), dtype=torch.int64, device=requests.device)
+            dist.all_to_all_single(send_idx, requests.to(torch.int64).contiguous(), self.send_counts,
+                                   self.recv_counts, group=group)
+            counters.add(name + ".index", 8 * (world - 1 + sum(c for p, c in enumerate(self.recv_counts)
+                                                                if p != rank)))
+        self.send_idx = send_idx
         self.remote_send_rows = sum(c for p, c in enumerate(self.send_counts) if p != rank)
         self.remote_recv_rows = sum(c for p, c in enumerate(self.recv_counts) if p != rank)
-        counters.add(name + ".index", 8 * (world - 1 + sum(c for p, c in enumerate(self.recv_counts) if p != rank)))
 
     def __call__(self, table: torch.Tensor) -> torch.Tensor:
         """Rows of the peers' ``table`` [R_p, ...] this rank asked for: [sum(want sizes), ...],

@@ -1,5 +1,5 @@
-"""What both CP modes share: compression with a halo, the compressed-token all-gather,
-branch 1 + block selection per segment, and the gated sum.
+"""What both CP modes share: compression with a halo, the compressed-token all-gather and the
+per-segment compressed key runs (index plans in ``plan.py``).
 
 Compressed token i of a sequence (block [i*d, i*d + l)) is produced by the rank holding its
 block's *last* token, i*d + l - 1. So a segment [C, C+S) produces tokens
@@ -15,14 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
-from nsa_kernels.layout import num_compressed
 from nsa_kernels.validation import NSAHyperParams
 
-from .comm import CommCounters, all_gather_rows, fetch_rows
+from .comm import CommCounters, RowExchange, all_gather_rows
 from .layout import Segment, ZigzagLayout
+from .plan import StaticExchange, StaticPlan, take_pieces
 
-__all__ = ["CPContext", "first_compressed", "compress_and_gather", "compressed_and_selection", "gated_sum",
-           "tie_outputs"]
+__all__ = ["CPContext", "first_compressed", "compress_and_gather", "static_halo", "tie_outputs"]
 
 RopeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -36,6 +35,7 @@ class CPContext:
         hp: NSA hyper-parameters; scale: softmax scale.
         counters: byte counters; device: device of the tensors.
         branches: branch functions (``branches.get_branches``).
+        plan: the layout's cached ``plan.StaticPlan`` for this rank.
     """
 
     layout: ZigzagLayout
@@ -46,6 +46,7 @@ class CPContext:
     counters: CommCounters
     device: torch.device
     branches: object = None
+    plan: Optional[StaticPlan] = None
     received: list = field(default_factory=list)
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -64,123 +65,51 @@ def first_compressed(start: int, cmp_block: int, cmp_stride: int) -> int:
     return max(0, -((cmp_block - 1 - start) // cmp_stride))
 
 
-def _segment_cmp_count(g: Segment, hp: NSAHyperParams) -> tuple[int, int]:
-    i_lo = first_compressed(g.start, hp.cmp_block, hp.cmp_stride)
-    return i_lo, num_compressed(g.end - i_lo * hp.cmp_stride, hp.cmp_block, hp.cmp_stride)
-
-
 def _flat_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)], dim=1)
 
 
+def static_halo(ctx: CPContext, exchange: StaticExchange, table: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows of the peers' ``table`` this rank's plan asks for, in the plan's natural order (no sync)."""
+    ex = RowExchange.planned(None, exchange.recv_counts, exchange.send_counts, ctx.group, ctx.counters, name,
+                             send_idx=exchange.send_idx)
+    return ctx.keep(ex(table))[exchange.natural]
+
+
 def compress_and_gather(ctx: CPContext, k_src: torch.Tensor, v_src: torch.Tensor, compress_k, compress_v,
-                        rope: Optional[RopeFn]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Compress this rank's segments (with halos) and all-gather every sequence's compressed tokens.
+                        rope: Optional[RopeFn]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress this rank's segments (with halos), all-gather the compressed tokens, and lay out
+    every segment's visible compressed prefix (``ctx.plan.cmp_layout``'s key runs).
 
     Args:
         k_src, v_src: [T/cp, HKV, Dqk], [T/cp, HKV, Dv] local compressor inputs (keys pre-RoPE).
-        compress_k, compress_v: ``forward(x [T, HKV, D], cu_seqlens) -> [Tc, HKV, D]`` modules.
+        compress_k, compress_v: ``forward(x [T, HKV, D], cu_seqlens) -> [Tc, HKV, D]`` modules; they
+            get ``cu_seqlens`` as a CPU int32 tensor (host bookkeeping without a device sync).
         rope: ``rope(k_cmp, positions, local_rows)`` rotating compressed keys at their
             within-sequence positions (whose tokens are this rank's ``local_rows``), or None.
     Returns:
-        k_cmp [Tc, HKV, Dqk], v_cmp [Tc, HKV, Dv] of the whole pack in natural order (packed per
-        sequence), and the host list cu_cmp [N+1] of their sequence boundaries.
+        k_cmp [Kc, HKV, Dqk], v_cmp [Kc, HKV, Dv]: segment after segment, the compressed tokens of the
+        segment's sequence visible to its last query (duplicated across segments of one sequence).
     """
-    hp, layout = ctx.hp, ctx.layout
-    l, d = hp.cmp_block, hp.cmp_stride
+    plan = ctx.plan
     num_kv, dk, dv = k_src.shape[1], k_src.shape[2], v_src.shape[2]
-    plans = [(g, *_segment_cmp_count(g, hp)) for g in ctx.segments]
-
-    halo_ranks, halo_rows, halo_len = [], [], []
-    for g, i_lo, count in plans:
-        n_halo = g.start - i_lo * d if count else 0
-        halo_len.append(n_halo)
-        if n_halo:
-            ranks, rows = layout.owners(g.seq, torch.arange(i_lo * d, g.start, device=ctx.device))
-            halo_ranks.append(ranks)
-            halo_rows.append(rows)
-    empty = torch.zeros(0, dtype=torch.int64, device=ctx.device)
-    halo = ctx.keep(fetch_rows(_flat_pair(k_src, v_src), torch.cat(halo_ranks) if halo_ranks else empty,
-                      torch.cat(halo_rows) if halo_rows else empty, ctx.group, ctx.counters, "cmp_halo"))
-    halo_k = halo[:, : num_kv * dk].view(-1, num_kv, dk)
-    halo_v = halo[:, num_kv * dk:].view(-1, num_kv, dv)
-
-    parts_k, parts_v, ext_lens, positions, local_rows = [], [], [], [], []
-    used = 0
-    for (g, i_lo, count), n_halo in zip(plans, halo_len):
-        if not count:
-            continue
-        parts_k += [halo_k[used:used + n_halo], k_src[g.row:g.row + g.length]]
-        parts_v += [halo_v[used:used + n_halo], v_src[g.row:g.row + g.length]]
-        used += n_halo
-        ext_lens.append(n_halo + g.length)
-        pos = (i_lo + torch.arange(count, device=ctx.device)) * d + l - 1
-        positions.append(pos)
-        local_rows.append(g.row + pos - g.start)
-    if parts_k:
-        cu_ext = torch.tensor([0] + ext_lens, dtype=torch.int64).cumsum(0).to(device=ctx.device, dtype=torch.int32)
-        k_loc = compress_k(torch.cat(parts_k), cu_ext)
-        v_loc = compress_v(torch.cat(parts_v), cu_ext)
+    halo = static_halo(ctx, plan.cmp_halo, _flat_pair(k_src, v_src), "cmp_halo")
+    if len(plan.cmp_cu) > 1:
+        cu_ext = torch.tensor(plan.cmp_cu, dtype=torch.int32)
+        k_in = take_pieces(plan.cmp_pieces, halo[:, : num_kv * dk].view(-1, num_kv, dk), k_src)
+        v_in = take_pieces(plan.cmp_pieces, halo[:, num_kv * dk:].view(-1, num_kv, dv), v_src)
+        k_loc = compress_k(k_in, cu_ext)
+        v_loc = compress_v(v_in, cu_ext)
         if rope is not None:
-            k_loc = rope(k_loc, torch.cat(positions), torch.cat(local_rows))
+            k_loc = rope(k_loc, plan.cmp_positions, plan.cmp_local_rows)
     else:
         k_loc = k_src.new_zeros(0, num_kv, dk)
         v_loc = v_src.new_zeros(0, num_kv, dv)
-
-    counts = [sum(_segment_cmp_count(g, hp)[1] for g in layout.segments[r]) for r in range(layout.cp)]
-    gathered = ctx.keep(all_gather_rows(_flat_pair(k_loc, v_loc), counts, ctx.group, ctx.counters, "cmp_tokens"))
-    return _natural_compressed(ctx, gathered, num_kv, dk, dv)
-
-
-def _natural_compressed(ctx: CPContext, gathered: torch.Tensor, num_kv: int, dk: int, dv: int):
-    """Reorder the rank-major gathered compressed tokens into natural per-sequence order."""
-    layout, hp = ctx.layout, ctx.hp
-    where: dict[tuple[int, int], tuple[int, int]] = {}
-    offset = 0
-    for r in range(layout.cp):
-        for g in layout.segments[r]:
-            count = _segment_cmp_count(g, hp)[1]
-            where[(g.seq, g.chunk)] = (offset, count)
-            offset += count
-    index, cu_cmp = [], [0]
-    for s in range(len(layout.seqlens)):
-        for k in range(2 * layout.cp):
-            start, count = where.get((s, k), (0, 0))
-            index.append(torch.arange(start, start + count, dtype=torch.int64))
-        cu_cmp.append(cu_cmp[-1] + num_compressed(layout.seqlens[s], hp.cmp_block, hp.cmp_stride))
-    index = torch.cat(index).to(gathered.device) if index else torch.zeros(0, dtype=torch.int64, device=gathered.device)
-    if index.numel() != cu_cmp[-1]:
-        raise RuntimeError(f"compressed tokens: gathered {index.numel()}, expected {cu_cmp[-1]}")
-    flat = gathered[index]
-    return flat[:, : num_kv * dk].view(-1, num_kv, dk), flat[:, num_kv * dk:].view(-1, num_kv, dv), cu_cmp
-
-
-def compressed_and_selection(ctx: CPContext, q_c: torch.Tensor, k_cmp_s: torch.Tensor, v_cmp_s: torch.Tensor,
-                             g: Segment):
-    """Branch 1 and the top-n block choice of one segment's queries, exactly as on one GPU.
-
-    Args:
-        q_c: [S, HQ, Dqk] the segment's queries; k_cmp_s, v_cmp_s: the sequence's compressed tokens.
-    Returns:
-        o_cmp [S, HQ, Dv] and int32 [S, HKV, n] global block indices.
-    """
-    hp = ctx.hp
-    q_pos = torch.arange(g.start, g.end, device=q_c.device)
-    visible = num_compressed(g.end, hp.cmp_block, hp.cmp_stride)
-    kc, vc = k_cmp_s[:visible], v_cmp_s[:visible]
-    o_cmp, lse = ctx.branches.compressed_attention(q_c, kc, vc, q_pos, cmp_block=hp.cmp_block,
-                                                   cmp_stride=hp.cmp_stride, scale=ctx.scale)
-    blocks = ctx.branches.select(q_c, kc, q_pos, lse, cmp_block=hp.cmp_block, cmp_stride=hp.cmp_stride,
-                                 slc_block=hp.slc_block, topk=hp.topk, init_blocks=hp.init_blocks,
-                                 local_blocks=hp.local_blocks, scale=ctx.scale)
-    return o_cmp, blocks
-
-
-def gated_sum(gates_c: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
-    """gates[..., 0] * o_cmp + gates[..., 1] * o_slc + gates[..., 2] * o_win, in float32 (float64 for float64)."""
-    acc = torch.promote_types(o_cmp.dtype, torch.float32)
-    g = gates_c.to(acc)
-    return g[..., 0:1] * o_cmp.to(acc) + g[..., 1:2] * o_slc.to(acc) + g[..., 2:3] * o_win.to(acc)
+    gathered = ctx.keep(all_gather_rows(_flat_pair(k_loc, v_loc), plan.cmp_counts, ctx.group, ctx.counters,
+                                        "cmp_tokens"))
+    k_cmp = gathered[:, : num_kv * dk][plan.kc_index].view(-1, num_kv, dk)
+    v_cmp = gathered[:, num_kv * dk:][plan.kc_index].view(-1, num_kv, dv)
+    return k_cmp, v_cmp
 
 
 class _Tie(torch.autograd.Function):

@@ -10,19 +10,28 @@ sequence's K/V is materialised unless the queries select it.
 Every segment then computes against a compact key store: the fetched blocks (ascending,
 packed into slots) followed by the segment's own chunk. Block indices and query positions
 are remapped into the store so causality (which only cuts the query's own block) is the
-one-GPU mask, and the same prefix-keyed branch functions apply unchanged.
+one-GPU mask, and the same prefix-keyed branch kernels apply unchanged.
+
+The request plan is built on the device from the selection (scatters into block masks, no
+sort/unique); the host learns its sizes through one small all-to-all of counts and a single
+synchronisation per layer.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
-from .comm import fetch_rows
-from .common import CPContext, compressed_and_selection, gated_sum
+from .comm import RowExchange
+from .common import CPContext, static_halo
+from .plan import SegLayout, take_pieces, to_device
 
 __all__ = ["ring_attention"]
+
+_GEOMETRY: dict = {}
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -37,128 +46,149 @@ def _block_table(k: torch.Tensor, v: torch.Tensor, slc_block: int) -> torch.Tens
     return torch.cat([rows(k), rows(v)], dim=1)
 
 
-def _window_halo(ctx: CPContext, kw: torch.Tensor, vw: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """Fetch the w-1 tokens before every segment; returns (rows [P, HKV*(Dqk+Dv)], per-segment counts)."""
-    ranks, rows, counts = [], [], []
-    for g in ctx.segments:
-        lo = max(0, g.start - ctx.hp.window + 1)
-        counts.append(g.start - lo)
-        if g.start > lo:
-            r, w = ctx.layout.owners(g.seq, torch.arange(lo, g.start, device=ctx.device))
-            ranks.append(r)
-            rows.append(w)
-    empty = torch.zeros(0, dtype=torch.int64, device=ctx.device)
-    halo = fetch_rows(_pair(kw, vw), torch.cat(ranks) if ranks else empty, torch.cat(rows) if rows else empty,
-                      ctx.group, ctx.counters, "win_halo")
-    return ctx.keep(halo), counts
+@dataclass
+class _Geometry:
+    """Static block bookkeeping of the pack for one rank and HKV (device tensors; cached).
 
-
-def _block_requests(ctx: CPContext, picks: list[torch.Tensor], num_kv: int):
-    """Unique (sequence block, head) keys selected before each segment's chunk.
-
-    Returns (per-segment sorted unique keys, all unique keys sorted, seq block offsets); key =
-    (first block of the sequence in the pack + j) * HKV + h.
+    Flat key of (global block gb, head h) = gb * HKV + h, gb = block offset of the sequence + j.
     """
-    ls = ctx.hp.slc_block
-    offsets = [0]
-    for n in ctx.layout.seqlens:
-        offsets.append(offsets[-1] + n // ls)
-    per_seg = []
-    for g, blocks in zip(ctx.segments, picks):
-        b = blocks.long()
-        head = torch.arange(num_kv, device=b.device)[None, :, None].expand_as(b)
-        earlier = (b >= 0) & (b < g.start // ls)
-        per_seg.append(torch.unique((offsets[g.seq] + b[earlier]) * num_kv + head[earlier]))
-    every = torch.unique(torch.cat(per_seg)) if per_seg else torch.zeros(0, dtype=torch.int64, device=ctx.device)
-    return per_seg, every, offsets
+
+    num_keys: int
+    nbs: int                    # blocks tracked per segment (max first block over segments, >= 1)
+    seg_block_offset: torch.Tensor  # int64 [n_seg] global block offset of each segment's sequence
+    seg_first: torch.Tensor     # int64 [n_seg] first block of each segment
+    perm_by_owner: torch.Tensor  # int64 [num_keys] flat keys sorted by (owner rank, key)
+    owner_of_key: torch.Tensor  # int64 [num_keys]
+    table_row_of_key: torch.Tensor  # int64 [num_keys] row of the owner's block table
+    row_rel: torch.Tensor       # int64 [R] row index within its segment
 
 
-def _fetch_blocks(ctx: CPContext, table: torch.Tensor, keys: torch.Tensor, offsets: list[int], num_kv: int):
-    """Fetch rows ``keys`` (see ``_block_requests``) of the owners' block tables."""
-    ls = ctx.hp.slc_block
-    block = torch.div(keys, num_kv, rounding_mode="floor")
-    head = keys - block * num_kv
-    ranks = torch.empty_like(keys)
-    rows = torch.empty_like(keys)
-    bounds = torch.tensor(offsets, dtype=torch.int64, device=keys.device)
-    seq = torch.searchsorted(bounds, block, right=True) - 1
-    for s in torch.unique(seq).tolist():
-        m = seq == s
-        r, first_row = ctx.layout.owners(s, (block[m] - offsets[s]) * ls)
-        ranks[m] = r
-        rows[m] = torch.div(first_row, ls, rounding_mode="floor") * num_kv + head[m]
-    return ctx.keep(fetch_rows(table, ranks, rows, ctx.group, ctx.counters, "slc_blocks"))
+def _geometry(ctx: CPContext, num_kv: int) -> _Geometry:
+    plan, layout, ls = ctx.plan, ctx.layout, ctx.hp.slc_block
+    key = (id(plan), num_kv)
+    hit = _GEOMETRY.get(key)
+    if hit is not None and hit[0] is plan:
+        return hit[1]
+    offsets, owner, lrow = [0], [], []
+    for s, n in enumerate(layout.seqlens):
+        nb = n // ls
+        offsets.append(offsets[-1] + nb)
+        r, first_row = layout.owners(s, torch.arange(nb, dtype=torch.int64) * ls)
+        owner.append(r)
+        lrow.append(torch.div(first_row, ls, rounding_mode="floor"))
+    owner = torch.cat(owner) if owner else torch.zeros(0, dtype=torch.int64)
+    lrow = torch.cat(lrow) if lrow else torch.zeros(0, dtype=torch.int64)
+    keys = torch.arange(offsets[-1] * num_kv, dtype=torch.int64)
+    owner_key = owner[keys // num_kv]
+    row_key = lrow[keys // num_kv] * num_kv + keys % num_kv
+    perm = torch.sort(owner_key, stable=True).indices
+    segs = plan.segments
+    q_cu = torch.tensor(plan.q_cu, dtype=torch.int64)
+    lens = q_cu[1:] - q_cu[:-1]
+    seg_of_row = torch.repeat_interleave(torch.arange(len(segs)), lens)
+    dev = ctx.device
+    geo = _Geometry(
+        num_keys=int(keys.numel()), nbs=max([1] + plan.seg_first_block),
+        seg_block_offset=to_device([offsets[g.seq] for g in segs], torch.int64, dev),
+        seg_first=to_device(plan.seg_first_block, torch.int64, dev),
+        perm_by_owner=to_device(perm, torch.int64, dev), owner_of_key=to_device(owner_key, torch.int64, dev),
+        table_row_of_key=to_device(row_key, torch.int64, dev),
+        row_rel=to_device(torch.arange(int(q_cu[-1])) - q_cu[:-1][seg_of_row], torch.int64, dev))
+    if len(_GEOMETRY) > 16:
+        _GEOMETRY.clear()
+    _GEOMETRY[key] = (plan, geo)
+    return geo
 
 
-def _selected_store(ctx: CPContext, g, keys_g, every, fetched, k, v, blocks, offset: int):
-    """Key store of one segment and the remapped block indices / query positions."""
-    ls = ctx.hp.slc_block
-    num_kv, dk, dv = k.shape[1], k.shape[2], v.shape[2]
-    rows_g = fetched[torch.searchsorted(every, keys_g)]
-    j = torch.div(keys_g, num_kv, rounding_mode="floor") - offset
-    head = keys_g - torch.div(keys_g, num_kv, rounding_mode="floor") * num_kv
-    slots_blocks = torch.unique(j)
-    slot = torch.searchsorted(slots_blocks, j)
-    num_slots = slots_blocks.numel()
-    own = slice(g.row, g.row + g.length)
-
-    def store(x_rows, local, dim):
-        packed = local.new_zeros(num_slots, num_kv, ls, dim).index_put((slot, head), x_rows.view(-1, ls, dim))
-        return torch.cat([packed.permute(0, 2, 1, 3).reshape(num_slots * ls, num_kv, dim), local[own]])
-
-    k_store = store(rows_g[:, : ls * dk], k, dk)
-    v_store = store(rows_g[:, ls * dk:], v, dv)
-    first_own = g.start // ls
-    lut = torch.full((g.end // ls,), -1, dtype=torch.int64, device=k.device)
-    lut[slots_blocks] = torch.arange(num_slots, device=k.device)
-    lut[first_own:] = num_slots + torch.arange(g.end // ls - first_own, device=k.device)
-    b = blocks.long()
-    remapped = torch.where(b >= 0, lut[b.clamp_min(0)], torch.full_like(b, -1))
-    q_pos = torch.arange(g.length, device=k.device) + num_slots * ls
-    return k_store, v_store, remapped, q_pos
+def _compact(mask: torch.Tensor, values: torch.Tensor, total: int):
+    """(values[mask] of known size ``total`` without a sync, and each entry's rank among the
+    selected, ``total`` where not selected)."""
+    pos = torch.cumsum(mask.to(torch.int64), 0) - 1
+    dest = torch.where(mask, pos, torch.full_like(pos, total))
+    out = values.new_empty(total + 1).scatter_(0, dest, values)[:total]
+    return out, dest
 
 
 def ring_attention(ctx: CPContext, q, k, v, k_win: Optional[torch.Tensor], v_win: Optional[torch.Tensor],
-                   gates, k_cmp, v_cmp, cu_cmp: list[int]):
+                   gates, k_cmp, v_cmp):
     """NSA for this rank's queries, fetching only selected blocks and halos.
 
     Args:
         q: [T/cp, HQ, Dqk]; k, v, k_win, v_win: [T/cp, HKV, D*] local tokens (k_win/v_win None:
             the window branch reuses k, v); gates: [T/cp, HQ, 3]. Every chunk must hold a whole
             number of selection blocks (checked by the caller).
-        k_cmp, v_cmp, cu_cmp: the pack's compressed tokens from ``compress_and_gather``.
+        k_cmp, v_cmp: per-segment compressed key runs from ``compress_and_gather``.
     Returns:
-        o [T/cp, HQ, Dv] (float32, float64 for float64 inputs), int32 block indices [T/cp, HKV, n].
+        o [T/cp, HQ, Dv] in q's dtype, int32 block indices [T/cp, HKV, n] (within the sequence).
     """
-    hp = ctx.hp
-    num_kv = k.shape[1]
+    hp, plan, br = ctx.hp, ctx.plan, ctx.branches
+    ls = hp.slc_block
+    num_kv, dk, dv = k.shape[1], k.shape[2], v.shape[2]
     kw, vw = (k, v) if k_win is None else (k_win, v_win)
-    halo, halo_counts = _window_halo(ctx, kw, vw)
-
-    firsts = []
-    for g in ctx.segments:
-        kc = k_cmp[cu_cmp[g.seq]:cu_cmp[g.seq + 1]]
-        vc = v_cmp[cu_cmp[g.seq]:cu_cmp[g.seq + 1]]
-        firsts.append(compressed_and_selection(ctx, q[g.row:g.row + g.length], kc, vc, g))
-    picks = [blocks for _, blocks in firsts]
-    per_seg, every, offsets = _block_requests(ctx, picks, num_kv)
-    fetched = _fetch_blocks(ctx, _block_table(k, v, hp.slc_block), every, offsets, num_kv)
-
-    outs, used = [], 0
+    halo = static_halo(ctx, plan.win_halo, _pair(kw, vw), "win_halo")
     w_dk = math.prod(kw.shape[1:])
-    for g, (o_cmp, blocks), keys_g, n_halo in zip(ctx.segments, firsts, per_seg, halo_counts):
-        rows = slice(g.row, g.row + g.length)
-        q_c = q[rows]
-        k_store, v_store, remapped, q_rel = _selected_store(ctx, g, keys_g, every, fetched, k, v, blocks,
-                                                            offsets[g.seq])
-        o_slc, _ = ctx.branches.selected_attention(q_c, k_store, v_store, q_rel, remapped,
-                                                   slc_block=hp.slc_block, scale=ctx.scale)
-        h = halo[used:used + n_halo]
-        used += n_halo
-        kw_store = torch.cat([h[:, :w_dk].view(-1, *kw.shape[1:]), kw[rows]])
-        vw_store = torch.cat([h[:, w_dk:].view(-1, *vw.shape[1:]), vw[rows]])
-        q_win = torch.arange(g.length, device=q.device) + n_halo
-        o_win, _ = ctx.branches.window_attention(q_c, kw_store, vw_store, q_win, window=hp.window,
-                                                 scale=ctx.scale)
-        outs.append(gated_sum(gates[rows], o_cmp, o_slc, o_win))
-    return torch.cat(outs), torch.cat(picks)
+    kw_store = take_pieces(plan.win_pieces, halo[:, :w_dk].view(-1, *kw.shape[1:]), kw)
+    vw_store = take_pieces(plan.win_pieces, halo[:, w_dk:].view(-1, *vw.shape[1:]), vw)
+
+    cmp_out = br.compressed_and_select(q, k_cmp, v_cmp, plan.cmp_layout, hp, ctx.scale)
+    blocks = cmp_out[2]
+
+    # Which (block, head) pairs each segment reads before its chunk, and their union per rank.
+    geo = _geometry(ctx, num_kv)
+    n_seg, nbs, dev = len(plan.segments), geo.nbs, q.device
+    b = blocks.long()
+    seg = plan.row_segment[:, None, None]
+    head = torch.arange(num_kv, device=dev)[None, :, None]
+    first = geo.seg_first[seg]
+    earlier = (b >= 0) & (b < first)
+    bc = b.clamp(0, nbs - 1)
+    need_seg = torch.zeros(n_seg * num_kv * nbs + 1, dtype=torch.bool, device=dev)
+    need_seg[torch.where(earlier, (seg * num_kv + head) * nbs + bc, n_seg * num_kv * nbs).reshape(-1)] = True
+    slot_mask = need_seg[:-1].view(n_seg, num_kv, nbs).any(1)
+    need_key = torch.zeros(geo.num_keys + 1, dtype=torch.bool, device=dev)
+    need_key[torch.where(earlier, (geo.seg_block_offset[seg] + bc) * num_kv + head, geo.num_keys).reshape(-1)] = True
+    need_key = need_key[:-1]
+    cp = ctx.layout.cp
+    recv = torch.zeros(cp, dtype=torch.int64, device=dev).index_add_(0, geo.owner_of_key, need_key.to(torch.int64))
+    send = torch.empty_like(recv)
+    dist.all_to_all_single(send, recv, group=ctx.group)
+    slots_per_seg = slot_mask.sum(1)
+    sizes = torch.cat([recv, send, slots_per_seg]).tolist()  # the layer's one host synchronisation
+    recv_counts, send_counts, n_slots = sizes[:cp], sizes[cp:2 * cp], sizes[2 * cp:]
+    total_req, total_slots = sum(recv_counts), sum(n_slots)
+
+    need_perm = need_key[geo.perm_by_owner]
+    req_keys, dest = _compact(need_perm, geo.perm_by_owner, total_req)
+    fetch_pos = torch.empty(geo.num_keys, dtype=torch.int64, device=dev)
+    fetch_pos[geo.perm_by_owner] = dest  # row of every key in ``fetched`` (total_req: a zero row)
+    exchange = RowExchange.planned(geo.table_row_of_key[req_keys], recv_counts, send_counts, ctx.group,
+                                   ctx.counters, "slc_blocks")
+    fetched = ctx.keep(exchange(_block_table(k, v, ls)))
+    fetched = torch.cat([fetched, fetched.new_zeros(1, fetched.shape[1])])
+
+    # Slots: segment-major, ascending block; store = [slots of s | own chunk of s] per segment.
+    flat_slot = slot_mask.reshape(-1)
+    slot_items, slot_dest = _compact(flat_slot, torch.arange(flat_slot.numel(), device=dev), total_slots)
+    s_of, j_of = slot_items // nbs, slot_items % nbs
+    src = fetch_pos[((geo.seg_block_offset[s_of] + j_of) * num_kv)[:, None] + torch.arange(num_kv, device=dev)]
+    k_slots = fetched[:, : ls * dk].view(-1, ls, dk)[src].permute(0, 2, 1, 3).reshape(-1, num_kv, dk)
+    v_slots = fetched[:, ls * dk:].view(-1, ls, dv)[src].permute(0, 2, 1, 3).reshape(-1, num_kv, dv)
+    pieces, base, k_cu, pos0 = [], 0, [0], []
+    for g, n in zip(plan.segments, n_slots):
+        pieces += [("halo", base * ls, (base + n) * ls), ("local", g.row, g.row + g.length)]
+        base += n
+        k_cu.append(k_cu[-1] + n * ls + g.length)
+        pos0.append(n * ls)
+    ks, vs = take_pieces(pieces, k_slots, k), take_pieces(pieces, v_slots, v)
+
+    # Block indices into the store: earlier blocks -> their slot, own chunk -> after the slots.
+    slots_dev = slots_per_seg.to(torch.int64)
+    slot_base = torch.cumsum(slots_dev, 0) - slots_dev
+    slot_of = slot_dest.view(n_seg, nbs)
+    rel = torch.where(earlier, slot_of[seg, bc] - slot_base[seg], slots_dev[seg] + b - first)
+    remapped = torch.where(b >= 0, rel, torch.full_like(b, -1)).to(torch.int32)
+    row_pos = (geo.row_rel + slots_dev[plan.row_segment] * ls).to(torch.int32)
+    lay_s = SegLayout(plan.q_cu, pos0, k_cu, ctx.device, rows=(plan.row_segment.to(torch.int32), row_pos))
+    out = br.attend(q, k_cmp, v_cmp, ks, vs, kw_store, vw_store, gates, cmp_out, remapped, plan.cmp_layout,
+                    lay_s, plan.win_layout, hp, ctx.scale)
+    return out, blocks
