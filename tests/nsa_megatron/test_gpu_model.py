@@ -13,6 +13,8 @@ pytestmark = pytest.mark.gpu
 
 def _run(rank, world):
     init_megatron()
+    from megatron.core.transformer.module import Float16Module
+
     from nsa_megatron.model import gpt_model_provider
 
     results = {}
@@ -20,7 +22,8 @@ def _run(rank, world):
     for backend in ("reference", "triton"):
         cfg = make_config(nsa_backend=backend, bf16=True, params_dtype=torch.bfloat16,
                           pipeline_dtype=torch.bfloat16, use_cpu_initialization=False)
-        model = gpt_model_provider(cfg, VOCAB, SEQ).cuda()
+        # bf16 as in training: Float16Module casts the parameters and the first stage's inputs
+        model = Float16Module(cfg, gpt_model_provider(cfg, VOCAB, SEQ).cuda())
         if state is None:
             state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
         model.load_state_dict(state)
