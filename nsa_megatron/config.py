@@ -11,6 +11,8 @@ from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nsa_kernels.validation import NSAHyperParams
+
 __all__ = ["NSAConfig"]
 
 ATTENTION_TYPES = ("nsa", "full")
@@ -154,23 +156,12 @@ class NSAConfig(TransformerConfig):
         _check_choice("nsa_branch_kv", self.nsa_branch_kv, BRANCH_KV)
         _check_choice("nsa_backend", self.nsa_backend, BACKENDS)
         _check_choice("nsa_cp_mode", self.nsa_cp_mode, CP_MODES)
-        for name in ("nsa_cmp_block", "nsa_cmp_stride", "nsa_slc_block", "nsa_topk", "nsa_window"):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("nsa_init_blocks", self.nsa_init_blocks, 0)
         _check_int("nsa_local_blocks", self.nsa_local_blocks, 1)
-        l, d, ls = self.nsa_cmp_block, self.nsa_cmp_stride, self.nsa_slc_block
-        if l % d != 0:
-            raise ValueError(f"nsa_cmp_stride={d}: must divide nsa_cmp_block ({l})")
-        if ls % d != 0:
-            raise ValueError(f"nsa_cmp_stride={d}: must divide nsa_slc_block ({ls})")
-        if l > ls:
-            raise ValueError(f"nsa_cmp_block={l}: must be <= nsa_slc_block ({ls})")
-        forced = self.nsa_init_blocks + self.nsa_local_blocks
-        if self.nsa_topk < forced:
-            raise ValueError(
-                f"nsa_topk={self.nsa_topk}: must be >= nsa_init_blocks + nsa_local_blocks "
-                f"({forced}), the blocks that are always selected"
-            )
+        NSAHyperParams(
+            cmp_block=self.nsa_cmp_block, cmp_stride=self.nsa_cmp_stride, slc_block=self.nsa_slc_block,
+            topk=self.nsa_topk, window=self.nsa_window, init_blocks=self.nsa_init_blocks,
+            local_blocks=self.nsa_local_blocks,
+        ).check(prefix="nsa_")
         if self.nsa_v_head_dim is not None:
             _check_int("nsa_v_head_dim", self.nsa_v_head_dim, 1)
         if self.nsa_dense_layers is not None:
