@@ -37,20 +37,20 @@ class NSAHyperParams:
         for name in ("cmp_block", "cmp_stride", "slc_block", "topk", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{n[name]} must be a positive int, got {value!r}")
+                raise ValueError(f"{n[name]}={value!r}: must be a positive int")
         for name in ("init_blocks", "local_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{n[name]} must be a non-negative int, got {value!r}")
+                raise ValueError(f"{n[name]}={value!r}: must be a non-negative int")
         if self.cmp_block % self.cmp_stride:
-            raise ValueError(f"{n['cmp_stride']} ({self.cmp_stride}) must divide {n['cmp_block']} ({self.cmp_block})")
+            raise ValueError(f"{n['cmp_stride']}={self.cmp_stride}: must divide {n['cmp_block']} ({self.cmp_block})")
         if self.slc_block % self.cmp_stride:
-            raise ValueError(f"{n['cmp_stride']} ({self.cmp_stride}) must divide {n['slc_block']} ({self.slc_block})")
+            raise ValueError(f"{n['cmp_stride']}={self.cmp_stride}: must divide {n['slc_block']} ({self.slc_block})")
         if self.cmp_block > self.slc_block:
-            raise ValueError(f"{n['cmp_block']} ({self.cmp_block}) must be <= {n['slc_block']} ({self.slc_block})")
+            raise ValueError(f"{n['cmp_block']}={self.cmp_block}: must be <= {n['slc_block']} ({self.slc_block})")
         if self.topk < self.init_blocks + self.local_blocks:
             raise ValueError(
-                f"{n['topk']} ({self.topk}) must be >= {n['init_blocks']} + {n['local_blocks']} "
+                f"{n['topk']}={self.topk}: must be >= {n['init_blocks']} + {n['local_blocks']} "
                 f"({self.init_blocks} + {self.local_blocks}): forced blocks count towards topk"
             )
 
