@@ -100,15 +100,10 @@ def compressed_attention(q, k_cmp, v_cmp, q_pos, *, cmp_block: int, cmp_stride: 
     Returns:
         o [Tq, HQ, Dv] (accumulation dtype; 0 where nothing is visible), lse [Tq, HQ] (-inf there).
     """
-    num_cmp = k_cmp.shape[0]
-    per_query = q.shape[1] * max(1, num_cmp)
-    outs, lses = [], []
-    for start in range(0, q.shape[0], _chunk_size(per_query)):
-        sl = slice(start, start + _chunk_size(per_query))
-        o, lse, _ = _compressed_branch(q[sl], k_cmp, v_cmp, q_pos[sl], cmp_block, cmp_stride, scale)
-        outs.append(o)
-        lses.append(lse)
-    return _cat(outs, q, v_cmp.shape[-1]), _cat_lse(lses, q)
+    per_query = q.shape[1] * max(1, k_cmp.shape[0])
+    return _over_query_chunks(
+        lambda sl: _compressed_branch(q[sl], k_cmp, v_cmp, q_pos[sl], cmp_block, cmp_stride, scale)[:2],
+        q, v_cmp.shape[-1], per_query)
 
 
 def _scores_from_probs(probs, num_blocks, cmp_block, cmp_stride, slc_block):
@@ -208,14 +203,9 @@ def selected_attention(q, k, v, q_pos, block_indices, *, slc_block: int, scale: 
         o [Tq, HQ, Dv], lse [Tq, HQ] (accumulation dtype).
     """
     per_query = k.shape[1] * block_indices.shape[-1] * slc_block * (k.shape[2] + v.shape[2])
-    step = _chunk_size(per_query)
-    outs, lses = [], []
-    for start in range(0, q.shape[0], step):
-        sl = slice(start, start + step)
-        o, lse = _selected_chunk(q[sl], k, v, q_pos[sl], block_indices[sl], slc_block, scale)
-        outs.append(o)
-        lses.append(lse)
-    return _cat(outs, q, v.shape[-1]), _cat_lse(lses, q)
+    return _over_query_chunks(
+        lambda sl: _selected_chunk(q[sl], k, v, q_pos[sl], block_indices[sl], slc_block, scale),
+        q, v.shape[-1], per_query)
 
 
 def _window_chunk(q, k_win, v_win, q_pos, window, scale):
@@ -237,26 +227,21 @@ def window_attention(q, k_win, v_win, q_pos, *, window: int, scale: float):
         o [Tq, HQ, Dv], lse [Tq, HQ] (accumulation dtype).
     """
     per_query = k_win.shape[1] * window * (k_win.shape[2] + v_win.shape[2])
+    return _over_query_chunks(
+        lambda sl: _window_chunk(q[sl], k_win, v_win, q_pos[sl], window, scale), q, v_win.shape[-1], per_query)
+
+
+def _over_query_chunks(branch, q, dv, per_query):
+    """Run ``branch(slice) -> (o, lse)`` over query chunks of bounded size; concatenate.
+
+    Returns o [Tq, HQ, Dv] and lse [Tq, HQ] in the accumulation dtype (empty when Tq = 0).
+    """
     step = _chunk_size(per_query)
-    outs, lses = [], []
-    for start in range(0, q.shape[0], step):
-        sl = slice(start, start + step)
-        o, lse = _window_chunk(q[sl], k_win, v_win, q_pos[sl], window, scale)
-        outs.append(o)
-        lses.append(lse)
-    return _cat(outs, q, v_win.shape[-1]), _cat_lse(lses, q)
-
-
-def _cat(parts, q, dv):
-    if parts:
-        return torch.cat(parts)
-    return q.new_zeros(0, q.shape[1], dv, dtype=_acc_dtype(q.dtype))
-
-
-def _cat_lse(parts, q):
-    if parts:
-        return torch.cat(parts)
-    return q.new_zeros(0, q.shape[1], dtype=_acc_dtype(q.dtype))
+    parts = [branch(slice(start, start + step)) for start in range(0, q.shape[0], step)]
+    if not parts:
+        acc = _acc_dtype(q.dtype)
+        return q.new_zeros(0, q.shape[1], dv, dtype=acc), q.new_zeros(0, q.shape[1], dtype=acc)
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
 
 
 def _sequence_forward(q, k, v, k_win, v_win, k_cmp, v_cmp, gates, args: NSAArgs):
