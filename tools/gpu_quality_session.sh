@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 9 on one GPU across several device calls. The experiments run in the background
+# (setsid), so they outlive each call while the machine stays held; every call copies the
+# reports written so far to $OUT.
+#   bash tools/gpu_quality_session.sh start   # GPU model test, per-kernel profile, start the experiments
+#   bash tools/gpu_quality_session.sh wait N  # wait up to N s (or until all finish), collect
+# Experiments, in order: LM nsa vs full (configs/quality_lm_small.yaml), needle 4k, needle 16k.
+set -o pipefail
+source tools/device_env.sh
+WORK=/tmp/quality
+REPORTS=$WORK/reports
+mkdir -p "$REPORTS"
+
+collect() {  # one archive: $OUT returns at most 8 files
+    tar -czf "$OUT/quality.tgz" -C "$WORK" reports logs 2>/dev/null
+    tail -5 "$WORK/logs/driver.log" 2>/dev/null
+}
+
+case "${1:-start}" in
+start)
+    timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/nsa_megatron/test_gpu_model.py 2>&1 \
+        | tee "$REPORTS/gpu_model_tests.log" | tail -4
+    timeout 240 python3 tools/profile_kernels.py --out "$REPORTS" --tag "-${NSA_COMMIT:-head}" 2>&1 | tail -60
+    mkdir -p "$WORK/logs"
+    setsid nohup bash -c '
+        set -x
+        python3 tools/quality_lm.py --config configs/quality_lm_small.yaml --report-dir '"$REPORTS"' > '"$WORK"'/logs/lm.log 2>&1
+        python3 tools/plot_selection.py --load runs/quality_lm/nsa/checkpoints --text-file nsa_megatron/attention.py \
+            --out '"$REPORTS"'/selection-lm.png --json '"$REPORTS"'/selection-lm.json > '"$WORK"'/logs/plot.log 2>&1
+        python3 tools/needle.py --config configs/needle_nsa_4k.yaml --tag 4k --report-dir '"$REPORTS"' > '"$WORK"'/logs/needle4k.log 2>&1
+        python3 tools/needle.py --config configs/needle_nsa_16k.yaml --tag 16k --report-dir '"$REPORTS"' > '"$WORK"'/logs/needle16k.log 2>&1
+        echo ALL-DONE
+    ' > "$WORK/logs/driver.log" 2>&1 < /dev/null &
+    sleep 60
+    tail -3 "$WORK"/logs/lm.log
+    collect
+    ;;
+wait)
+    end=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $end ] && ! grep -q ALL-DONE "$WORK/logs/driver.log" 2>/dev/null; do sleep 15; done
+    for f in "$WORK"/logs/*.log; do echo "== $f"; grep -E "iteration|complete|accuracy|loss" "$f" | tail -3; done
+    collect
+    ;;
+esac
