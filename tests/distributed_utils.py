@@ -5,8 +5,9 @@ process group in each, runs ``fn(rank, world_size, *args)`` and returns the per-
 results (anything ``torch.save`` can store), re-raising the first worker error with its
 traceback. ``init_megatron(...)`` then brings up Megatron's model-parallel state on CPU.
 
-Fork (not spawn) is used so workers inherit the already-imported torch / megatron, unless
-this process has already initialised CUDA (a forked child cannot use it): then spawn. A
+Fork (not spawn) is used so workers inherit the already-imported torch / megatron, unless a
+CUDA device is present (a forked child cannot use CUDA once the parent touched it, which
+imports such as Triton's device query do without `torch.cuda.is_initialized()`): then spawn. A
 worker uses one intra-op thread so two ranks fit on a 2-core machine.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     if world_size < 1:
         raise ValueError(f"world_size={world_size}: must be >= 1")
-    ctx = mp.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+    ctx = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="nsa_dist_") as out_dir:
         procs = [

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9 on one GPU across several device calls. The experiments run in the background
-# (setsid), so they outlive each call while the machine stays held; every call copies the
+# (setsid, from a copy of the checkout under /tmp), so they outlive each call while the
+# machine stays held; every call copies the
 # reports written so far to $OUT.
 #   bash tools/gpu_quality_session.sh start   # GPU model test, per-kernel profile, start the experiments
 #   bash tools/gpu_quality_session.sh wait N  # wait up to N s (or until all finish), collect
@@ -20,8 +21,10 @@ case "${1:-start}" in
 start)
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/nsa_megatron/test_gpu_model.py 2>&1 \
         | tee "$REPORTS/gpu_model_tests.log" | tail -4
-    timeout 240 python3 tools/profile_kernels.py --out "$REPORTS" --tag "-${NSA_COMMIT:-head}" 2>&1 | tail -60
+    timeout 240 python3 tools/profile_kernels.py --out "$REPORTS" --tag="-${NSA_COMMIT:-head}" 2>&1 | tail -60
     mkdir -p "$WORK/logs"
+    # each call replaces the carried checkout: the experiments run from their own copy
+    rm -rf "$WORK/repo" && cp -r "$PWD" "$WORK/repo" && cd "$WORK/repo" && source tools/device_env.sh
     setsid nohup bash -c '
         set -x
         python3 tools/quality_lm.py --config configs/quality_lm_small.yaml --report-dir '"$REPORTS"' > '"$WORK"'/logs/lm.log 2>&1
