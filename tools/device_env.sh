@@ -7,7 +7,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-NSA_PKGS=/tmp/nsa_pkgs
+NSA_PKGS=${NSA_PKGS:-/tmp/nsa_pkgs}
 mkdir -p "$NSA_PKGS"
 for pair in nsa_kernels:kernels nsa_megatron:nsa_megatron nsa_tools:tools nsa_launch:launch; do
     ln -sfn "$PWD/${pair#*:}" "$NSA_PKGS/${pair%%:*}"

@@ -24,7 +24,7 @@ start)
     timeout 240 python3 tools/profile_kernels.py --out "$REPORTS" --tag="-${NSA_COMMIT:-head}" 2>&1 | tail -60
     mkdir -p "$WORK/logs"
     # each call replaces the carried checkout: the experiments run from their own copy
-    rm -rf "$WORK/repo" && cp -r "$PWD" "$WORK/repo" && cd "$WORK/repo" && source tools/device_env.sh
+    rm -rf "$WORK/repo" && cp -r "$PWD" "$WORK/repo" && cd "$WORK/repo" && NSA_PKGS=$WORK/pkgs source tools/device_env.sh
     setsid nohup bash -c '
         set -x
         python3 tools/quality_lm.py --config configs/quality_lm_small.yaml --report-dir '"$REPORTS"' > '"$WORK"'/logs/lm.log 2>&1
