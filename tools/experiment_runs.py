@@ -158,7 +158,10 @@ def params_from_log(log_path: Path) -> Optional[float]:
 
 
 def git_commit() -> Dict[str, object]:
-    """``{"commit": sha or None, "dirty": bool or None}`` of the repository."""
+    """``{"commit": sha or None, "dirty": bool or None}`` of the repository; an exported tree
+    without .git (the device copies) takes the commit from ``NSA_COMMIT``."""
+    if os.environ.get("NSA_COMMIT") and not (REPO / ".git").exists():
+        return {"commit": os.environ["NSA_COMMIT"], "dirty": False}
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=20).stdout.strip() or None

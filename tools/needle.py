@@ -38,7 +38,8 @@ from nsa_tools.needle_task import NeedleSpec, corpus_tokens, sample_stream, writ
 ARMS = ("nsa", "full")
 TARGET_ACCURACY = 0.95
 NEEDLE_DEFAULTS = {
-    "n_pairs": 4,            # records per sample: 1 queried + 3 distractors
+    "n_pairs": 4,            # records per sample: 1 target + 3 distractors
+    "n_queries": 1,          # queries per sample: the target's first (the one scored), then distractors'
     "key_len": 4,            # lowercase letters per key
     "value_len": 4,          # digits per value
     "train_samples": 16384,  # distinct training samples (epochs repeat beyond this)
@@ -123,7 +124,7 @@ def stage_data(train_cfg: dict, needle: dict, out_dir: Path) -> Dict[str, str]:
     d = train_cfg.get("data", {})
     seq = int(d.get("seq_length", 256))
     tok_name = d.get("tokenizer", "byte")
-    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"])
+    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"])
     data_dir = out_dir / "data"
     prefixes = {"train": str(data_dir / f"needle_{seq}_train"), "valid": str(data_dir / f"needle_{seq}_valid")}
     stamp = data_dir / "dataset.json"
@@ -175,7 +176,7 @@ def accuracy_grid(model, tokenizer, needle: dict, lengths: List[int], filler: np
     tok_acc = np.zeros_like(acc)
     n, bs = int(needle["eval_samples"]), int(needle["eval_batch"])
     for li, length in enumerate(lengths):
-        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"])
+        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"])
         for di, depth in enumerate(depths):
             samples = list(sample_stream(n, spec, filler, tokenizer, seed + 1000 * li + di, depths=[depth]))
             hits = tok_hits = tok_total = 0

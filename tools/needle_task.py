@@ -3,15 +3,17 @@
 One sample is one document of exactly ``seq_length`` tokens (the last one the tokenizer's
 end-of-document id)::
 
-    [ filler ... OPEN k1 EQ v1 CLOSE ... filler ... OPEN k2 EQ v2 CLOSE ... ][ QUERY k2 EQ v2 CLOSE ] EOD
-      \\____________________ context: C tokens of corpus text ____________/  \\___ the query ___/
+    [ filler ... OPEN k1 EQ v1 CLOSE ... filler ... OPEN k2 EQ v2 CLOSE ... ][ QUERY k2 EQ v2 CLOSE ... ] EOD
+      \\____________________ context: C tokens of corpus text ____________/  \\___ the queries ___/
 
 Filler is a contiguous window of corpus tokens (marker ids replaced by a space); ``n_pairs``
-key/value records are written over it at non-overlapping positions; the queried record
+key/value records are written over it at non-overlapping positions; the target record
 starts at ``round(depth * (C - record_length))``, the others are distractors at random
 positions. Keys are random lowercase letters (distinct within a sample), values random
-digits. The model reads the query key and must produce the value: its ``value_len`` tokens
-start at ``meta["value_pos"]``. Markers are control characters that source code never
+digits. The first query asks for the target: the model reads its key and must produce the
+value, whose ``value_len`` tokens start at ``meta["value_pos"]`` (the one scored). With
+``n_queries > 1`` queries for that many distractors follow in random order: more retrievals
+per training sample, the scored one unchanged. Markers are control characters that source code never
 contains (``\\x01``, ``\\x02``, ``\\x03``) and ``=``.
 
 Because every document has exactly ``seq_length`` tokens, Megatron's GPT dataset (samples of
@@ -45,6 +47,8 @@ class NeedleSpec:
     """Characters per key (lowercase letters)."""
     value_len: int = 4
     """Characters per value (digits)."""
+    n_queries: int = 1
+    """Queries at the end (1 <= n_queries <= n_pairs): the target first, then distractors."""
 
 
 class _Markers:
@@ -96,7 +100,11 @@ def make_sample(rng: np.random.Generator, filler: np.ndarray, spec: NeedleSpec, 
     values = ["".join(rng.choice(list(DIGITS), spec.value_len)) for _ in keys]
     records = [_record(m, k, v) for k, v in zip(keys, values)]
     r = max(len(x) for x in records)
+    if not 1 <= spec.n_queries <= spec.n_pairs:
+        raise ValueError(f"n_queries={spec.n_queries}: must be in [1, n_pairs={spec.n_pairs}]")
     tail, value_off = _query(m, keys[0], values[0])
+    for i in rng.permutation(np.arange(1, spec.n_pairs))[:spec.n_queries - 1]:
+        tail = tail + _query(m, keys[i], values[i])[0]
     context = spec.seq_length - 1 - len(tail)
     if context < spec.n_pairs * r * 2:
         raise ValueError(f"seq_length={spec.seq_length}: too short for {spec.n_pairs} records of {r} tokens")

@@ -43,11 +43,27 @@ def test_sample_layout(depth):
     assert meta["depth"] == depth
 
 
+def test_extra_queries_follow_the_scored_one_and_ask_distractors():
+    spec = NeedleSpec(256, n_pairs=4, key_len=2, value_len=3, n_queries=3)
+    ids, meta = make_sample(np.random.default_rng(5), FILLER, spec, 0.5, TOK)
+    text = bytes(int(t) for t in ids).decode("latin-1")
+    queries = text[meta["context_len"]:].split("\x03")[1:]
+    assert len(ids) == spec.seq_length - 1 and len(queries) == 3
+    assert queries[0] == f"{meta['key']}={meta['value']}\x02"  # the scored query comes first
+    assert text[meta["value_pos"]:meta["value_pos"] + spec.value_len] == meta["value"]
+    for q in queries[1:]:
+        key, value = q[:-1].split("=")
+        assert key != meta["key"] and text[:meta["context_len"]].count(f"\x01{key}={value}\x02") == 1
+    assert len({q.split("=")[0] for q in queries}) == 3
+
+
 def test_sample_rejects_bad_shapes():
     with pytest.raises(ValueError, match="depth"):
         make_sample(np.random.default_rng(0), FILLER, NeedleSpec(256), 1.5, TOK)
     with pytest.raises(ValueError, match="too short"):
         make_sample(np.random.default_rng(0), FILLER, NeedleSpec(40, n_pairs=4), 0.5, TOK)
+    with pytest.raises(ValueError, match="n_queries"):
+        make_sample(np.random.default_rng(0), FILLER, NeedleSpec(256, n_pairs=2, n_queries=3), 0.5, TOK)
 
 
 class _Oracle(torch.nn.Module):
