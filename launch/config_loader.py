@@ -72,6 +72,9 @@ class DataArgs:
     """Where the embedded corpus and Megatron's dataset index caches are written."""
     corpus_max_mb: float = 4.0
     """Size budget of the embedded corpus (MB of source text)."""
+    loss_from_token: Optional[int] = None
+    """Token id: train only on the labels from its first occurrence in each sequence on (prompt
+    masking, e.g. a task's query marker); a sequence without it contributes no loss. None: all."""
 
 
 @dataclass

@@ -71,13 +71,24 @@ def build_datasets(cfg: RunConfig, tokenizer, train_prefix: str, valid_prefix: O
     return train, valid
 
 
+def mask_loss_before(batch: Dict[str, torch.Tensor], token: int) -> Dict[str, torch.Tensor]:
+    """Zero ``loss_mask`` [b, s] before the first ``token`` in each row of ``tokens`` [b, s]
+    (rows without it get no loss), so only the labels from that token on are trained."""
+    hit = batch["tokens"] == token
+    seen = hit.cumsum(dim=1) > 0
+    batch["loss_mask"] = batch["loss_mask"] * seen.to(batch["loss_mask"].dtype)
+    return batch
+
+
 def micro_batches(dataset, start_sample: int, global_batch_size: int, micro_batch_size: int,
-                  dp_rank: int, dp_size: int) -> Iterator[Dict[str, torch.Tensor]]:
+                  dp_rank: int, dp_size: int, loss_from_token: Optional[int] = None
+                  ) -> Iterator[Dict[str, torch.Tensor]]:
     """Yield this data-parallel rank's micro batches, global batch after global batch.
 
     Global batch k covers samples ``[start + k*G, start + (k+1)*G)``; DP rank r takes the
     r-th contiguous slice of G / dp_size samples, cut into micro batches of
-    ``micro_batch_size``. Indices wrap around the dataset's length.
+    ``micro_batch_size``. Indices wrap around the dataset's length. With ``loss_from_token``
+    the loss mask starts at that token's first occurrence (:func:`mask_loss_before`).
 
     Yields:
         dict of int64 ``tokens``/``labels``/``position_ids`` and float ``loss_mask``, each [b, s].
@@ -89,5 +100,6 @@ def micro_batches(dataset, start_sample: int, global_batch_size: int, micro_batc
         first = base + dp_rank * per_rank
         for m in range(0, per_rank, micro_batch_size):
             samples = [dataset[(first + m + i) % n] for i in range(micro_batch_size)]
-            yield {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
+            batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in BATCH_KEYS}
+            yield batch if loss_from_token is None else mask_loss_before(batch, loss_from_token)
         base += global_batch_size

@@ -219,9 +219,9 @@ def loop(cfg: RunConfig, model, optimizer, scheduler, start_iter: int, train_ds,
     d, t, c = cfg.data, cfg.training, cfg.checkpoint
     nmb = d.global_batch_size // (d.micro_batch_size * dp_size)
     data_iter = micro_batches(train_ds, start_iter * d.global_batch_size, d.global_batch_size,
-                              d.micro_batch_size, dp_rank, dp_size)
+                              d.micro_batch_size, dp_rank, dp_size, d.loss_from_token)
     make_valid = (lambda: micro_batches(valid_ds, 0, d.global_batch_size, d.micro_batch_size,
-                                        dp_rank, dp_size)) if valid_ds is not None else None
+                                        dp_rank, dp_size, d.loss_from_token)) if valid_ds is not None else None
     world = dist.get_world_size()
     history, val_loss, stop, t_start = [], None, "done", time.perf_counter()
     for it in range(start_iter + 1, t.train_iters + 1):

@@ -40,6 +40,8 @@ TARGET_ACCURACY = 0.95
 NEEDLE_DEFAULTS = {
     "n_pairs": 4,            # records per sample: 1 target + 3 distractors
     "n_queries": 1,          # queries per sample: the target's first (the one scored), then distractors'
+    "key_alphabet": "letters",  # or "control": one-symbol keys found nowhere else in the sample
+    "loss_on": "all",        # "all" tokens, or "queries": only the labels from the first query marker on
     "key_len": 4,            # lowercase letters per key
     "value_len": 4,          # digits per value
     "train_samples": 16384,  # distinct training samples (epochs repeat beyond this)
@@ -62,7 +64,7 @@ SMOKE_CONFIG = {
                  "eval_interval": 0, "eval_iters": 1},
     "checkpoint": {"save_interval": 3},
     "logging": {"log_interval": 1},
-    "needle": {"n_pairs": 2, "key_len": 3, "value_len": 2, "train_samples": 16, "valid_samples": 4,
+    "needle": {"n_pairs": 2, "n_queries": 2, "loss_on": "queries", "key_len": 3, "value_len": 2, "train_samples": 16, "valid_samples": 4,
                "eval_lengths": [96, 128], "eval_depths": [0.0, 0.5, 1.0], "eval_samples": 2, "eval_batch": 2},
 }
 """CPU smoke: one tiny layer, 128-token samples, 3 steps per arm, a 2 x 3 grid of 2 samples."""
@@ -105,6 +107,8 @@ def load_needle_config(args) -> tuple:
     unknown = set(needle) - set(NEEDLE_DEFAULTS)
     if unknown:
         raise ValueError(f"needle: unknown keys {sorted(unknown)}")
+    if needle["loss_on"] not in ("all", "queries"):
+        raise ValueError(f"needle.loss_on={needle['loss_on']!r}: must be 'all' or 'queries'")
     out_dir = Path(args.out_dir or X.REPO / "runs" / f"needle_{stem}")
     report_dir = Path(args.report_dir or (out_dir if args.smoke else X.REPO / "benchmarks"))
     return raw, needle, out_dir, report_dir
@@ -124,7 +128,7 @@ def stage_data(train_cfg: dict, needle: dict, out_dir: Path) -> Dict[str, str]:
     d = train_cfg.get("data", {})
     seq = int(d.get("seq_length", 256))
     tok_name = d.get("tokenizer", "byte")
-    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"])
+    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"])
     data_dir = out_dir / "data"
     prefixes = {"train": str(data_dir / f"needle_{seq}_train"), "valid": str(data_dir / f"needle_{seq}_valid")}
     stamp = data_dir / "dataset.json"
@@ -146,6 +150,17 @@ def stage_data(train_cfg: dict, needle: dict, out_dir: Path) -> Dict[str, str]:
     return prefixes
 
 
+def query_loss_overrides(train_cfg: dict, needle: dict) -> List[str]:
+    """``["data.loss_from_token=<query marker id>"]`` when ``needle.loss_on`` is ``queries``."""
+    from nsa_tools.needle_task import query_marker_id
+    from nsa_tools.tokenizer import load_tokenizer
+
+    if needle["loss_on"] == "all":
+        return []
+    tok = load_tokenizer(train_cfg.get("data", {}).get("tokenizer", "byte"))
+    return [f"data.loss_from_token={query_marker_id(tok)}"]
+
+
 def stage_train(args, train_cfg: dict, needle: dict, out_dir: Path, prefixes: Dict[str, str],
                 arms: List[str]) -> None:
     """Train every arm (resumable chunks) on the needle data through the entry point."""
@@ -154,7 +169,7 @@ def stage_train(args, train_cfg: dict, needle: dict, out_dir: Path, prefixes: Di
     cfg_path.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
     iters = int(train_cfg.get("training", {}).get("train_iters", 100))
     base = [f"data.train_data_path={prefixes['train']}", f"data.valid_data_path={prefixes['valid']}",
-            *args.overrides]
+            *query_loss_overrides(train_cfg, needle), *args.overrides]
     X.run_arms(str(cfg_path), {a: [*base, f"model.attention_type={a}"] for a in arms}, out_dir, iters,
                args.chunk_iters, args.max_chunks, args.time_limit)
 
@@ -176,7 +191,7 @@ def accuracy_grid(model, tokenizer, needle: dict, lengths: List[int], filler: np
     tok_acc = np.zeros_like(acc)
     n, bs = int(needle["eval_samples"]), int(needle["eval_batch"])
     for li, length in enumerate(lengths):
-        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"])
+        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"])
         for di, depth in enumerate(depths):
             samples = list(sample_stream(n, spec, filler, tokenizer, seed + 1000 * li + di, depths=[depth]))
             hits = tok_hits = tok_total = 0

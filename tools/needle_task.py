@@ -6,7 +6,7 @@ end-of-document id)::
     [ filler ... OPEN k1 EQ v1 CLOSE ... filler ... OPEN k2 EQ v2 CLOSE ... ][ QUERY k2 EQ v2 CLOSE ... ] EOD
       \\____________________ context: C tokens of corpus text ____________/  \\___ the queries ___/
 
-Filler is a contiguous window of corpus tokens (marker ids replaced by a space); ``n_pairs``
+Filler is a contiguous window of corpus tokens (marker and end-of-document ids replaced by a space); ``n_pairs``
 key/value records are written over it at non-overlapping positions; the target record
 starts at ``round(depth * (C - record_length))``, the others are distractors at random
 positions. Keys are random lowercase letters (distinct within a sample), values random
@@ -33,6 +33,10 @@ import numpy as np
 OPEN, EQ, CLOSE, QUERY = "\x01", "=", "\x02", "\x03"
 LETTERS = string.ascii_lowercase
 DIGITS = string.digits
+CONTROL = "".join(map(chr, [*range(0x04, 0x09), *range(0x0E, 0x20), 0x7F]))
+"""Control characters that source code does not contain (24): one-symbol keys that occur
+nowhere but in the records, so retrieval is a one-token match."""
+KEY_ALPHABETS = {"letters": LETTERS, "control": CONTROL}
 
 
 @dataclass
@@ -49,6 +53,8 @@ class NeedleSpec:
     """Characters per value (digits)."""
     n_queries: int = 1
     """Queries at the end (1 <= n_queries <= n_pairs): the target first, then distractors."""
+    key_alphabet: str = "letters"
+    """Key symbols: ``letters`` (lowercase) or ``control`` (:data:`CONTROL`, scrubbed from the filler)."""
 
 
 class _Markers:
@@ -60,6 +66,17 @@ class _Markers:
         self.space = enc(" ")
         self.enc = enc
         self.special = {t for ids in (self.open, self.close, self.query) for t in ids}
+
+
+def query_marker_id(tokenizer) -> int:
+    """The token id that opens every query (the answer-only loss starts there).
+
+    Raises:
+        ValueError: the tokenizer splits the marker into several tokens."""
+    ids = _Markers(tokenizer).query
+    if len(ids) != 1:
+        raise ValueError(f"the query marker {QUERY!r} is {len(ids)} tokens under this tokenizer, need 1")
+    return ids[0]
 
 
 def _record(m: _Markers, key: str, value: str) -> List[int]:
@@ -91,10 +108,16 @@ def make_sample(rng: np.random.Generator, filler: np.ndarray, spec: NeedleSpec, 
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if spec.key_alphabet not in KEY_ALPHABETS:
+        raise ValueError(f"key_alphabet={spec.key_alphabet!r}: must be one of {sorted(KEY_ALPHABETS)}")
+    alphabet = KEY_ALPHABETS[spec.key_alphabet]
+    if len(alphabet) ** spec.key_len < spec.n_pairs:
+        raise ValueError(f"n_pairs={spec.n_pairs}: more than the {len(alphabet) ** spec.key_len} distinct keys "
+                         f"of {spec.key_len} {spec.key_alphabet} symbols")
     m = _Markers(tokenizer)
     keys: List[str] = []
     while len(keys) < spec.n_pairs:
-        k = "".join(rng.choice(list(LETTERS), spec.key_len))
+        k = "".join(rng.choice(list(alphabet), spec.key_len))
         if k not in keys:
             keys.append(k)
     values = ["".join(rng.choice(list(DIGITS), spec.value_len)) for _ in keys]
@@ -112,7 +135,10 @@ def make_sample(rng: np.random.Generator, filler: np.ndarray, spec: NeedleSpec, 
         raise ValueError(f"filler corpus has {len(filler)} tokens, need more than {context}")
     start = int(rng.integers(0, len(filler) - context))
     ctx = np.array(filler[start:start + context], dtype=np.int64)
-    for t in m.special:
+    scrub = {*m.special, tokenizer.eod}  # the corpus's document ends too: one document per sample
+    if spec.key_alphabet == "control":
+        scrub |= {t for c in CONTROL for t in m.enc(c)}
+    for t in scrub:
         ctx[ctx == t] = m.space[0]
     target = int(round(depth * (context - len(records[0]))))
     placed = [target]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nsa_tools import needle_task
 from nsa_tools.needle_task import NeedleSpec, make_sample, read_meta
 from nsa_tools.tokenizer import ByteTokenizer
 from tools import needle as N
@@ -26,10 +27,10 @@ def _check_sample(ids, meta, spec):
     assert len(ids) == spec.seq_length - 1
     assert text[pos:pos + len(record)] == record
     assert abs(pos - meta["depth"] * (ctx - len(record))) <= 0.5
-    assert text[ctx:] == f"\x03{meta['key']}={meta['value']}\x02"
+    assert text[ctx:].startswith(f"\x03{meta['key']}={meta['value']}\x02")
     assert text[meta["value_pos"]:meta["value_pos"] + spec.value_len] == meta["value"]
     assert meta["value_ids"] == list(meta["value"].encode())
-    assert text.count("\x01") == spec.n_pairs and text.count("\x03") == 1  # filler markers scrubbed
+    assert text.count("\x01") == spec.n_pairs and text.count("\x03") == spec.n_queries  # filler markers scrubbed
     assert text.count(f"\x01{meta['key']}=") == 1  # the key is unique among the records
     starts = sorted([pos, *meta["distractor_pos"]])
     assert all(b - a > len(record) for a, b in zip(starts, starts[1:]))
@@ -55,6 +56,20 @@ def test_extra_queries_follow_the_scored_one_and_ask_distractors():
         key, value = q[:-1].split("=")
         assert key != meta["key"] and text[:meta["context_len"]].count(f"\x01{key}={value}\x02") == 1
     assert len({q.split("=")[0] for q in queries}) == 3
+
+
+def test_control_keys_are_single_symbols_found_only_in_records_and_queries():
+    spec = NeedleSpec(256, n_pairs=5, key_len=1, value_len=2, n_queries=5, key_alphabet="control")
+    dirty = FILLER.copy()
+    dirty[::7] = 0x05  # a key symbol inside the filler must be scrubbed
+    ids, meta = make_sample(np.random.default_rng(1), dirty, spec, 0.25, TOK)
+    text = bytes(int(t) for t in ids).decode("latin-1")
+    assert len(meta["key"]) == 1 and meta["key"] in needle_task.CONTROL
+    keys = [c for c in text if c in needle_task.CONTROL]
+    assert len(keys) == 10 and sorted(keys[:5]) == sorted(keys[5:])  # each key: once in a record, once queried
+    with pytest.raises(ValueError, match="distinct keys"):
+        make_sample(np.random.default_rng(0), FILLER, NeedleSpec(256, n_pairs=25, key_len=1, key_alphabet="control"),
+                    0.5, TOK)
 
 
 def test_sample_rejects_bad_shapes():
@@ -95,7 +110,7 @@ def test_needle_smoke_end_to_end(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    spec = NeedleSpec(128, n_pairs=2, key_len=3, value_len=2)
+    spec = NeedleSpec(128, n_pairs=2, key_len=3, value_len=2, n_queries=2)
     for split in ("train", "valid"):
         prefix = str(tmp_path / "data" / f"needle_128_{split}")
         docs, metas = IndexedDataset(prefix), read_meta(prefix)
@@ -105,6 +120,7 @@ def test_needle_smoke_end_to_end(tmp_path):
             assert len(doc) == 128 and doc[-1] == TOK.eod
             _check_sample(doc[:-1], meta, spec)
         assert len({m["key"] for m in metas}) > 1 and 0 < np.mean([m["depth"] for m in metas]) < 1
+    assert "data.loss_from_token=3" in (tmp_path / "nsa" / "log.txt").read_text()  # loss_on: queries
     report = json.loads((tmp_path / "needle-2000-01-01.json").read_text())
     assert set(report["arms"]) == {"nsa", "full"}
     for arm, r in report["arms"].items():
