@@ -41,6 +41,7 @@ NEEDLE_DEFAULTS = {
     "n_pairs": 4,            # records per sample: 1 target + 3 distractors
     "n_queries": 1,          # queries per sample: the target's first (the one scored), then distractors'
     "key_alphabet": "letters",  # or "control": one-symbol keys found nowhere else in the sample
+    "separator": True,       # "=" between key and value (False: the value follows the key directly)
     "loss_on": "all",        # "all" tokens, or "queries": only the labels from the first query marker on
     "key_len": 4,            # lowercase letters per key
     "value_len": 4,          # digits per value
@@ -128,7 +129,8 @@ def stage_data(train_cfg: dict, needle: dict, out_dir: Path) -> Dict[str, str]:
     d = train_cfg.get("data", {})
     seq = int(d.get("seq_length", 256))
     tok_name = d.get("tokenizer", "byte")
-    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"])
+    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"],
+                      needle["separator"])
     data_dir = out_dir / "data"
     prefixes = {"train": str(data_dir / f"needle_{seq}_train"), "valid": str(data_dir / f"needle_{seq}_valid")}
     stamp = data_dir / "dataset.json"
@@ -191,7 +193,8 @@ def accuracy_grid(model, tokenizer, needle: dict, lengths: List[int], filler: np
     tok_acc = np.zeros_like(acc)
     n, bs = int(needle["eval_samples"]), int(needle["eval_batch"])
     for li, length in enumerate(lengths):
-        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"])
+        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"],
+                      needle["separator"])
         for di, depth in enumerate(depths):
             samples = list(sample_stream(n, spec, filler, tokenizer, seed + 1000 * li + di, depths=[depth]))
             hits = tok_hits = tok_total = 0

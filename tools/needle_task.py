@@ -4,6 +4,7 @@ One sample is one document of exactly ``seq_length`` tokens (the last one the to
 end-of-document id)::
 
     [ filler ... OPEN k1 EQ v1 CLOSE ... filler ... OPEN k2 EQ v2 CLOSE ... ][ QUERY k2 EQ v2 CLOSE ... ] EOD
+      (EQ only with ``separator``)
       \\____________________ context: C tokens of corpus text ____________/  \\___ the queries ___/
 
 Filler is a contiguous window of corpus tokens (marker and end-of-document ids replaced by a space); ``n_pairs``
@@ -55,6 +56,9 @@ class NeedleSpec:
     """Queries at the end (1 <= n_queries <= n_pairs): the target first, then distractors."""
     key_alphabet: str = "letters"
     """Key symbols: ``letters`` (lowercase) or ``control`` (:data:`CONTROL`, scrubbed from the filler)."""
+    separator: bool = True
+    """Write EQ between key and value. Without it a one-symbol key is directly followed by its
+    value, so recall is the one-hop induction match (EQ also occurs in the filler)."""
 
 
 class _Markers:
@@ -79,13 +83,13 @@ def query_marker_id(tokenizer) -> int:
     return ids[0]
 
 
-def _record(m: _Markers, key: str, value: str) -> List[int]:
-    return m.open + m.enc(key) + m.eq + m.enc(value) + m.close
+def _record(m: _Markers, key: str, value: str, sep: bool) -> List[int]:
+    return m.open + m.enc(key) + (m.eq if sep else []) + m.enc(value) + m.close
 
 
-def _query(m: _Markers, key: str, value: str) -> Tuple[List[int], int]:
+def _query(m: _Markers, key: str, value: str, sep: bool) -> Tuple[List[int], int]:
     """Query tokens and the offset of the value's first token inside them."""
-    head = m.query + m.enc(key) + m.eq
+    head = m.query + m.enc(key) + (m.eq if sep else [])
     return head + m.enc(value) + m.close, len(head)
 
 
@@ -121,13 +125,13 @@ def make_sample(rng: np.random.Generator, filler: np.ndarray, spec: NeedleSpec, 
         if k not in keys:
             keys.append(k)
     values = ["".join(rng.choice(list(DIGITS), spec.value_len)) for _ in keys]
-    records = [_record(m, k, v) for k, v in zip(keys, values)]
+    records = [_record(m, k, v, spec.separator) for k, v in zip(keys, values)]
     r = max(len(x) for x in records)
     if not 1 <= spec.n_queries <= spec.n_pairs:
         raise ValueError(f"n_queries={spec.n_queries}: must be in [1, n_pairs={spec.n_pairs}]")
-    tail, value_off = _query(m, keys[0], values[0])
+    tail, value_off = _query(m, keys[0], values[0], spec.separator)
     for i in rng.permutation(np.arange(1, spec.n_pairs))[:spec.n_queries - 1]:
-        tail = tail + _query(m, keys[i], values[i])[0]
+        tail = tail + _query(m, keys[i], values[i], spec.separator)[0]
     context = spec.seq_length - 1 - len(tail)
     if context < spec.n_pairs * r * 2:
         raise ValueError(f"seq_length={spec.seq_length}: too short for {spec.n_pairs} records of {r} tokens")

@@ -65,6 +65,10 @@ def test_control_keys_are_single_symbols_found_only_in_records_and_queries():
     ids, meta = make_sample(np.random.default_rng(1), dirty, spec, 0.25, TOK)
     text = bytes(int(t) for t in ids).decode("latin-1")
     assert len(meta["key"]) == 1 and meta["key"] in needle_task.CONTROL
+    assert text[meta["context_len"]:].startswith(f"\x03{meta['key']}={meta['value']}\x02")
+    bare, _ = make_sample(np.random.default_rng(1), dirty, NeedleSpec(**{**spec.__dict__, "separator": False}), 0.25, TOK)
+    bare_text = bytes(int(t) for t in bare).decode("latin-1")
+    assert bare_text.endswith("\x02") and f"\x01{meta['key']}{meta['value']}\x02" in bare_text
     keys = [c for c in text if c in needle_task.CONTROL]
     assert len(keys) == 10 and sorted(keys[:5]) == sorted(keys[5:])  # each key: once in a record, once queried
     with pytest.raises(ValueError, match="distinct keys"):
