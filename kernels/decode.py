@@ -6,18 +6,35 @@ k_cmp [B, Cc, HKV, Dqk], v_cmp [B, Cc, HKV, Dv]; lengths int32 [B] = cache lengt
 sequence *including* the new token, so the query sits at t = lengths[b] - 1 and sees
 compressed tokens 0 .. Lc(t+1)-1, selection blocks 0 .. t // l' and the window [t-w+1, t].
 
-Four launches, every program group-centric (all G query heads of one KV head, G padded to
->= 16 rows so each K/V tile feeds one tensor-core dot):
-1. ``_cmp_partial`` (B, HKV, S): compressed attention over a split of the compressed tokens
-   (flash-decoding), partial (max, sum, acc) plus the scaled logits kept in fp32 scratch;
-2. ``_cmp_select`` (B, HKV): merges the splits (o_cmp, lse), turns the logits into
-   group-summed probabilities, block scores by overlap weights, and the top-n selection
-   (forced blocks first, ties to the lower block) written ascending, -1 padded;
-3. ``_slc_win_partial`` (B, HKV, n + n_win): one program per selected block or window piece
-   of l' tokens, partial softmax state of each;
-4. ``_combine`` (B, HKV): merges the selected and window partials and applies the gates.
-Nothing syncs with the host and every shape depends only on the inputs' shapes, so a
-fixed-batch step can be captured in a CUDA graph.
+Every attention program is group-centric (all G query heads of one KV head, G padded to
+G_PAD >= 16 rows so each K/V tile feeds one tensor-core dot) and leaves a *partial* softmax
+state (max m, sum l, unnormalised acc [G_PAD, Dv]) in fp32 scratch; the last launch merges
+them. Five launches:
+
+1. ``_cmp_partial`` (B, HKV, S): flash-decoding over S splits of the compressed tokens, in
+   tiles of TT = TB * l'/d tokens (TB whole selection blocks). Besides its partial, each
+   tile writes the block-score partials of its own TB blocks,
+   ``A[h, j] = sum_i exp2(logit[h, i] - M[h]) * overlap(i, j) / d`` (M = the tile's running
+   max), its M and ``E[h]``, the same sum for the next tile's first block (the spill of its
+   last tokens). No per-token logits go to memory.
+2. ``_block_scores`` (B, HKV, NB_P / BJ), BJ = 128 blocks at G = 16: each program merges the
+   S (m, l) pairs into the heads' lse itself, rescales A and E by exp2(M - lse), sums over
+   the heads and writes one int64 key per block: (fp32 score bits << 32) | reversed block
+   index, forced blocks scored +inf and invisible ones -1, so one integer max is an arg-max
+   with ties to the lower block.
+3. ``_topk`` (B, HKV): n integer max-reductions over the NB_P keys; the chosen blocks are
+   written ascending, -1 padded.
+4. ``_slc_win_partial`` (B, HKV, NSP + NWP): the first NSP programs of a group each take
+   PPP selection slots, the last NWP each take PPP window pieces of l' tokens (online softmax
+   over them).
+5. ``_combine`` (B, HQ): one program per query head merges its S + NSP + NWP partials
+   branch by branch and applies the gates.
+
+S and PPP follow the SM count (one wave of compressed splits, enough selection programs to
+fill the GPU, few partials to merge). Scratch per group: S + NSP + NWP partials, A [G_PAD,
+NB] and M, E [NT, G_PAD] in fp32 (72 KB at 64k tokens and G = 16), NB_P int64 keys.
+Nothing syncs with the host and every launch shape depends only on the inputs' shapes, so
+a fixed-batch step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -31,20 +48,28 @@ import triton.language as tl
 from .dense import interpreting
 from .varlen import new_empty, next_pow2
 
-__all__ = ["nsa_decode", "decode_splits"]
+__all__ = ["nsa_decode", "decode_plan"]
 
 LOG2E = 1.4426950408889634
+CMP_PROGRAMS_PER_SM = 1  # _cmp_partial: at most this many splits per SM in all (one wave)
+PART_PROGRAMS_PER_SM = 2  # _slc_win_partial: slots per program so that its grid is ~ this many per SM
+BLOCK_J = 128  # _block_scores: blocks per program at G_PAD = 16
+CMP_TILE = 64  # _cmp_partial: compressed tokens per tile (rounded to whole selection blocks)
+CMP_STAGES = 3  # _cmp_partial: software-pipeline depth of its K/V loads
+TOPK_KEYS_PER_THREAD = 8  # _topk: keys per thread of its n serial max-reductions (more warps: no faster)
 
 
 @triton.jit
-def _cmp_partial(Q, KC, VC, LEN, SCR_S, SCR_M, SCR_L, SCR_A, qk_scale, HQ, HKV, CCAP, KC_BS, VC_BS,
-                 chunk, NSPLIT,
+def _cmp_partial(Q, KC, VC, LEN, SCR_M, SCR_L, SCR_A, BLK_A, BLK_M, BLK_E, qk_scale, HQ, HKV, KC_BS, VC_BS,
+                 chunk, NPT, NBA, NTA,
                  G: tl.constexpr, G_PAD: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                  DQK_P: tl.constexpr, DV_P: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
-                 LCAP: tl.constexpr, BLOCK_C: tl.constexpr):
+                 SBLOCK: tl.constexpr, LCAP: tl.constexpr, BLOCK_C: tl.constexpr, TB: tl.constexpr,
+                 TB_P: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
+    TT: tl.constexpr = TB * (SBLOCK // CSTRIDE)
     length = tl.minimum(tl.maximum(tl.load(LEN + b), 1), LCAP)
     n_cmp = tl.where(length >= CBLOCK, (length - CBLOCK) // CSTRIDE + 1, 0)
     lo = s * chunk
@@ -55,18 +80,29 @@ def _cmp_partial(Q, KC, VC, LEN, SCR_S, SCR_M, SCR_L, SCR_A, qk_scale, HQ, HKV, 
     dv = tl.arange(0, DV_P)
     qrow = b.to(tl.int64) * HQ + g * G + hh
     q = tl.load(Q + qrow[:, None] * DQK + dq[None, :], mask=h_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+
+    # overlap(i, j) / d of a tile's token i with its block j (wt) and with the next tile's first
+    # block (ws); tiles start on block boundaries, so the weights are the same for every tile
+    cc = tl.arange(0, BLOCK_C)
+    jj = tl.arange(0, TB_P)
+    start = cc * CSTRIDE
+    ov = tl.minimum(start[:, None] + CBLOCK, (jj[None, :] + 1) * SBLOCK) - tl.maximum(start[:, None],
+                                                                                      jj[None, :] * SBLOCK)
+    wt = tl.where((cc[:, None] < TT) & (jj[None, :] < TB), tl.maximum(ov, 0), 0).to(tl.float32) / CSTRIDE
+    ov_s = tl.minimum(start + CBLOCK, (TB + 1) * SBLOCK) - tl.maximum(start, TB * SBLOCK)
+    ws = tl.where(cc < TT, tl.maximum(ov_s, 0), 0).to(tl.float32) / CSTRIDE
+
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_P], tl.float32)
     bg = b.to(tl.int64) * HKV + g
-    for c0 in range(lo, hi, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < hi
+    for c0 in range(lo, hi, TT):
+        c = c0 + cc
+        c_ok = (cc < TT) & (c < hi)
         krow = b.to(tl.int64) * KC_BS + (c.to(tl.int64) * HKV + g) * DQK
         k = tl.load(KC + krow[:, None] + dq[None, :], mask=c_ok[:, None] & (dq[None, :] < DQK), other=0.0)
         sc = tl.dot(q, tl.trans(k)) * qk_scale
         sc = tl.where(c_ok[None, :], sc, float("-inf"))
-        tl.store(SCR_S + (bg * G_PAD + hh[:, None]) * CCAP + c[None, :], sc, mask=h_ok[:, None] & c_ok[None, :])
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -76,84 +112,77 @@ def _cmp_partial(Q, KC, VC, LEN, SCR_S, SCR_M, SCR_L, SCR_A, qk_scale, HQ, HKV, 
         v = tl.load(VC + vrow[:, None] + dv[None, :], mask=c_ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    part = (bg * NSPLIT + s) * G_PAD + hh
+        tile = c0 // TT
+        blk_a = tl.dot(p, wt, input_precision="ieee")
+        tl.store(BLK_A + (bg * G_PAD + hh[:, None]) * NBA + tile * TB + jj[None, :], blk_a,
+                 mask=jj[None, :] < TB)
+        tl.store(BLK_M + (bg * NTA + tile) * G_PAD + hh, m_safe)
+        tl.store(BLK_E + (bg * NTA + tile) * G_PAD + hh, tl.sum(p * ws[None, :], 1))
+    part = (bg * NPT + s) * G_PAD + hh
     tl.store(SCR_M + part, m_i)
     tl.store(SCR_L + part, l_i)
     tl.store(SCR_A + part[:, None] * DV_P + dv[None, :], acc)
 
 
 @triton.jit
-def _cmp_select(LEN, SCR_S, SCR_M, SCR_L, SCR_A, SCR_P, OC, LSEC, BI, HQ, HKV, CCAP, NSPLIT,
-                G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-                CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr, SBLOCK: tl.constexpr, LCAP: tl.constexpr,
-                TOPK: tl.constexpr, TOPK_P: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                NB_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT, NBA, NTA,
+                  G: tl.constexpr, G_PAD: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
+                  SBLOCK: tl.constexpr, LCAP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
+                  TB: tl.constexpr, S_P: tl.constexpr, NB_P: tl.constexpr, BJ: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
+    pj = tl.program_id(2)
+    TT: tl.constexpr = TB * (SBLOCK // CSTRIDE)
     length = tl.minimum(tl.maximum(tl.load(LEN + b), 1), LCAP)
     t = length - 1
     n_cmp = tl.where(length >= CBLOCK, (length - CBLOCK) // CSTRIDE + 1, 0)
-    hh = tl.arange(0, G_PAD)
-    h_ok = hh < G
-    dv = tl.arange(0, DV_P)
     bg = b.to(tl.int64) * HKV + g
+    hh = tl.arange(0, G_PAD)
 
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, DV_P], tl.float32)
-    for s in range(0, NSPLIT):
-        part = (bg * NSPLIT + s) * G_PAD + hh
-        ms = tl.load(SCR_M + part)
-        ls = tl.load(SCR_L + part)
-        accs = tl.load(SCR_A + part[:, None] * DV_P + dv[None, :])
-        m_new = tl.maximum(m_i, ms)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a1 = tl.exp2(m_i - m_safe)
-        a2 = tl.exp2(ms - m_safe)
-        l_i = l_i * a1 + ls * a2
-        acc = acc * a1[:, None] + accs * a2[:, None]
-        m_i = m_new
-    nonempty = l_i > 0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    qrow = b.to(tl.int64) * HQ + g * G + hh
-    tl.store(OC + qrow[:, None] * DV + dv[None, :], o, mask=h_ok[:, None] & (dv[None, :] < DV))
-    lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    tl.store(LSEC + qrow, lse2 * 0.6931471805599453, mask=h_ok)
+    # log2-sum-exp of every head over all splits; heads without keys take no part
+    ss = tl.arange(0, S_P)
+    part = (bg * NPT + ss[:, None]) * G_PAD + hh[None, :]
+    ms = tl.load(SCR_M + part, mask=ss[:, None] < NSPLIT, other=float("-inf"))
+    ls = tl.load(SCR_L + part, mask=ss[:, None] < NSPLIT, other=0.0)
+    m = tl.max(ms, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.sum(ls * tl.exp2(ms - m_safe[None, :]), 0)
+    use = (hh < G) & (l_sum > 0)
+    lse = m_safe + tl.log2(tl.where(use, l_sum, 1.0))
 
-    # group-summed probabilities of every compressed token (rows without keys: lse -> +inf)
-    lse_p = tl.where(h_ok & nonempty, lse2, float("inf"))
-    for c0 in range(0, n_cmp, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < n_cmp
-        sc = tl.load(SCR_S + (bg * G_PAD + hh[:, None]) * CCAP + c[None, :], mask=h_ok[:, None] & c_ok[None, :],
-                     other=float("-inf"))
-        p = tl.sum(tl.exp2(sc - lse_p[:, None]), 0)
-        tl.store(SCR_P + bg * CCAP + c, p, mask=c_ok)
-    tl.debug_barrier()
+    j = pj * BJ + tl.arange(0, BJ)
+    tile = j // TB
+    own = use[:, None] & (tile * TT < n_cmp)[None, :]
+    a = tl.load(BLK_A + (bg * G_PAD + hh[:, None]) * NBA + j[None, :], mask=own, other=0.0)
+    ma = tl.load(BLK_M + (bg * NTA + tile[None, :]) * G_PAD + hh[:, None], mask=own, other=0.0)
+    score = tl.sum(tl.where(own, a * tl.exp2(ma - lse[:, None]), 0.0), 0)
+    spill = use[:, None] & ((j % TB == 0) & (tile >= 1) & ((tile - 1) * TT < n_cmp))[None, :]
+    prev = (bg * NTA + tile[None, :] - 1) * G_PAD + hh[:, None]
+    e = tl.load(BLK_E + prev, mask=spill, other=0.0)
+    me = tl.load(BLK_M + prev, mask=spill, other=0.0)
+    score += tl.sum(tl.where(spill, e * tl.exp2(me - lse[:, None]), 0.0), 0)
 
-    # block scores: compressed token i overlaps block j iff j*R - C + 1 <= i <= (j+1)*R - 1
-    R: tl.constexpr = SBLOCK // CSTRIDE
-    C: tl.constexpr = CBLOCK // CSTRIDE
-    j = tl.arange(0, NB_P)
-    score = tl.zeros([NB_P], tl.float32)
-    for o_ in tl.static_range(R + C - 1):
-        i = j * R - C + 1 + o_
-        i_ok = (i >= 0) & (i < n_cmp)
-        shared = tl.minimum(i * CSTRIDE + CBLOCK, (j + 1) * SBLOCK) - tl.maximum(i * CSTRIDE, j * SBLOCK)
-        w = tl.maximum(shared, 0).to(tl.float32) / CSTRIDE
-        p = tl.load(SCR_P + bg * CCAP + i, mask=i_ok, other=0.0)
-        score += p * w
     cur = t // SBLOCK
     vis = j <= cur
     forced = vis & ((j < INIT) | (j > cur - LOCAL))
-    key = tl.where(forced, float("inf"), tl.where(vis, score, float("-inf")))
+    bits = tl.where(forced, float("inf"), score).to(tl.int32, bitcast=True).to(tl.int64)
+    key = tl.where(vis, (bits << 32) | (NB_P - 1 - j).to(tl.int64), -1)
+    tl.store(KEYS + bg * NB_P + j, key)
+
+
+@triton.jit
+def _topk(KEYS, BI, HKV, TOPK: tl.constexpr, TOPK_P: tl.constexpr, NB_P: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    bg = b.to(tl.int64) * HKV + g
+    j = tl.arange(0, NB_P)
+    key = tl.load(KEYS + bg * NB_P + j)
     chosen = j < 0
     for _r in tl.static_range(TOPK):
         mx = tl.max(key, 0)
-        pick = tl.min(tl.where(key == mx, j, NB_P), 0)
-        hit = (j == pick) & (key > float("-inf"))  # key[pick] == max: false once nothing is left
+        hit = (key == mx) & (mx >= 0)  # keys are unique; mx < 0: nothing visible is left
         chosen = chosen | hit
-        key = tl.where(j == pick, float("-inf"), key)
+        key = tl.where(hit, -1, key)
     rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
     count = tl.sum(chosen.to(tl.int32), 0)
     tl.store(BI + bg * TOPK + rank, j, mask=chosen)
@@ -163,100 +192,112 @@ def _cmp_select(LEN, SCR_S, SCR_M, SCR_L, SCR_A, SCR_P, OC, LSEC, BI, HQ, HKV, C
 
 @triton.jit
 def _slc_win_partial(Q, K, V, KW, VW, LEN, BI, SCR_M, SCR_L, SCR_A, qk_scale, HQ, HKV,
-                     K_BS, V_BS, KW_BS, VW_BS,
+                     K_BS, V_BS, KW_BS, VW_BS, NPT, P0,
                      G: tl.constexpr, G_PAD: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      DQK_P: tl.constexpr, DV_P: tl.constexpr, SBLOCK: tl.constexpr, PIECE: tl.constexpr,
-                     WINDOW: tl.constexpr, LCAP: tl.constexpr, TOPK: tl.constexpr, NPART: tl.constexpr):
+                     WINDOW: tl.constexpr, LCAP: tl.constexpr, TOPK: tl.constexpr, NSP: tl.constexpr,
+                     PPP: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
-    part = tl.program_id(2)
+    prog = tl.program_id(2)
     length = tl.minimum(tl.maximum(tl.load(LEN + b), 1), LCAP)
     t = length - 1
+    w0 = tl.maximum(t - WINDOW + 1, 0)
     bg = b.to(tl.int64) * HKV + g
-    r = tl.arange(0, PIECE)
-    if part < TOPK:
-        blk = tl.load(BI + bg * TOPK + part)
-        tok = blk * SBLOCK + r
-        ok = (blk >= 0) & (r < SBLOCK) & (tok <= t)
+    is_slc = prog < NSP
+    if is_slc:
         kbase = K + b.to(tl.int64) * K_BS
         vbase = V + b.to(tl.int64) * V_BS
     else:
-        w0 = tl.maximum(t - WINDOW + 1, 0)
-        tok = w0 + (part - TOPK) * PIECE + r
-        ok = tok <= t
         kbase = KW + b.to(tl.int64) * KW_BS
         vbase = VW + b.to(tl.int64) * VW_BS
+    r = tl.arange(0, PIECE)
     hh = tl.arange(0, G_PAD)
     h_ok = hh < G
     dq = tl.arange(0, DQK_P)
     dv = tl.arange(0, DV_P)
     qrow = b.to(tl.int64) * HQ + g * G + hh
     q = tl.load(Q + qrow[:, None] * DQK + dq[None, :], mask=h_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-    row = tl.where(ok, tok, 0).to(tl.int64) * HKV + g
-    k = tl.load(kbase + row[:, None] * DQK + dq[None, :], mask=ok[:, None] & (dq[None, :] < DQK), other=0.0)
-    sc = tl.dot(q, tl.trans(k)) * qk_scale
-    sc = tl.where(ok[None, :], sc, float("-inf"))
-    m = tl.max(sc, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(sc - m_safe[:, None])
-    v = tl.load(vbase + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
-    acc = tl.dot(p.to(v.dtype), v)
-    slot = (bg * NPART + part) * G_PAD + hh
-    tl.store(SCR_M + slot, m)
-    tl.store(SCR_L + slot, tl.sum(p, 1))
-    tl.store(SCR_A + slot[:, None] * DV_P + dv[None, :], acc)
-
-
-@triton.jit
-def _merge_parts(SCR_M, SCR_L, SCR_A, bg, first, last, hh, dv, NPART: tl.constexpr, G_PAD: tl.constexpr,
-                 DV_P: tl.constexpr):
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_P], tl.float32)
-    for part in range(first, last):
-        slot = (bg * NPART + part) * G_PAD + hh
-        ms = tl.load(SCR_M + slot)
-        ls = tl.load(SCR_L + slot)
-        accs = tl.load(SCR_A + slot[:, None] * DV_P + dv[None, :])
-        m_new = tl.maximum(m_i, ms)
+    for i in range(PPP):
+        # selection slot or window piece number prog * PPP + i (pieces past the window: tok > t)
+        slot = prog * PPP + i
+        blk = tl.load(BI + bg * TOPK + slot, mask=is_slc & (slot < TOPK), other=-1)
+        tok_w = w0 + (slot - NSP * PPP) * PIECE + r
+        tok = tl.where(is_slc, blk * SBLOCK + r, tok_w)
+        ok = ((blk >= 0) & (r < SBLOCK) | (prog >= NSP)) & (tok <= t)
+        row = tl.where(ok, tok, 0).to(tl.int64) * HKV + g
+        k = tl.load(kbase + row[:, None] * DQK + dq[None, :], mask=ok[:, None] & (dq[None, :] < DQK), other=0.0)
+        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        sc = tl.where(ok[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a1 = tl.exp2(m_i - m_safe)
-        a2 = tl.exp2(ms - m_safe)
-        l_i = l_i * a1 + ls * a2
-        acc = acc * a1[:, None] + accs * a2[:, None]
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vbase + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    part = (bg * NPT + P0 + prog) * G_PAD + hh
+    tl.store(SCR_M + part, m_i)
+    tl.store(SCR_L + part, l_i)
+    tl.store(SCR_A + part[:, None] * DV_P + dv[None, :], acc)
 
 
 @triton.jit
-def _combine(OC, GATES, SCR_M, SCR_L, SCR_A, O, HQ, HKV,
-             G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-             TOPK: tl.constexpr, NPART: tl.constexpr):
+def _combine(GATES, SCR_M, SCR_L, SCR_A, O, HQ, HKV, NPT, P_SLC, P_WIN,
+             G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr, NPT_P: tl.constexpr):
     b = tl.program_id(0)
-    g = tl.program_id(1)
-    bg = b.to(tl.int64) * HKV + g
-    hh = tl.arange(0, G_PAD)
-    h_ok = hh < G
+    h = tl.program_id(1)
+    bg = b.to(tl.int64) * HKV + h // G
+    qrow = b.to(tl.int64) * HQ + h
+    pp = tl.arange(0, NPT_P)
+    p_ok = pp < NPT
+    part = (bg * NPT + pp) * G_PAD + h % G
+    m = tl.load(SCR_M + part, mask=p_ok, other=float("-inf"))
+    l_p = tl.load(SCR_L + part, mask=p_ok, other=0.0)
+    branch = (pp >= P_SLC).to(tl.int32) + (pp >= P_WIN).to(tl.int32)  # 0 cmp, 1 slc, 2 win
+    coef = tl.zeros([NPT_P], tl.float32)
+    for x in tl.static_range(3):
+        mine = p_ok & (branch == x)
+        mx = tl.max(tl.where(mine, m, float("-inf")), 0)
+        w = tl.where(mine, tl.exp2(m - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
+        lx = tl.sum(w * l_p, 0)
+        gate = tl.load(GATES + qrow * 3 + x).to(tl.float32)
+        coef += w * (gate / tl.where(lx > 0, lx, 1.0))
     dv = tl.arange(0, DV_P)
-    o_slc = _merge_parts(SCR_M, SCR_L, SCR_A, bg, 0, TOPK, hh, dv, NPART, G_PAD, DV_P)
-    o_win = _merge_parts(SCR_M, SCR_L, SCR_A, bg, TOPK, NPART, hh, dv, NPART, G_PAD, DV_P)
-    qrow = b.to(tl.int64) * HQ + g * G + hh
-    omask = h_ok[:, None] & (dv[None, :] < DV)
-    o_cmp = tl.load(OC + qrow[:, None] * DV + dv[None, :], mask=omask, other=0.0)
-    g0 = tl.load(GATES + qrow * 3, mask=h_ok, other=0.0).to(tl.float32)
-    g1 = tl.load(GATES + qrow * 3 + 1, mask=h_ok, other=0.0).to(tl.float32)
-    g2 = tl.load(GATES + qrow * 3 + 2, mask=h_ok, other=0.0).to(tl.float32)
-    o = g0[:, None] * o_cmp + g1[:, None] * o_slc + g2[:, None] * o_win
-    tl.store(O + qrow[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty), mask=omask)
+    acc = tl.load(SCR_A + part[:, None] * DV_P + dv[None, :], mask=p_ok[:, None], other=0.0)
+    o = tl.sum(acc * coef[:, None], 0)
+    tl.store(O + qrow * DV + dv, o.to(O.dtype.element_ty), mask=dv < DV)
 
 
-def decode_splits(batch: int, num_kv_heads: int, cmp_capacity: int, block_c: int) -> int:
-    """Splits of the compressed tokens per (sequence, KV head): ~2 programs per SM in total."""
-    if interpreting() or not torch.cuda.is_available():
-        return min(2, max(1, triton.cdiv(cmp_capacity, block_c)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    want = triton.cdiv(2 * sms, batch * num_kv_heads)
-    return max(1, min(want, triton.cdiv(cmp_capacity, block_c)))
+def _num_sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def decode_plan(batch: int, num_kv_heads: int, cmp_capacity: int, tile_tokens: int, topk: int,
+                window_pieces: int, sms: Optional[int] = None) -> tuple[int, int]:
+    """Work split of one decode step: (S, PPP) of the module docstring.
+
+    S: splits of the compressed tokens per (sequence, KV head), at most CMP_PROGRAMS_PER_SM
+    programs per SM in all (one wave), at least one tile of ``tile_tokens`` each. PPP:
+    selection slots (and window pieces) per ``_slc_win_partial`` program, the largest power of
+    two that still leaves PART_PROGRAMS_PER_SM programs per SM. ``sms`` None: the current
+    GPU's (the interpreter: S = PPP = 2).
+    """
+    groups = batch * num_kv_heads
+    max_splits = max(1, triton.cdiv(cmp_capacity, tile_tokens))
+    if sms is None and (interpreting() or not torch.cuda.is_available()):
+        return min(2, max_splits), 2
+    sms = sms or _num_sms()
+    splits = max(1, min(CMP_PROGRAMS_PER_SM * sms // groups, max_splits))
+    ppp = 1
+    while ppp < topk and groups * (triton.cdiv(topk, 2 * ppp) + triton.cdiv(window_pieces, 2 * ppp)) \
+            >= PART_PROGRAMS_PER_SM * sms:
+        ppp *= 2
+    return splits, ppp
 
 
 def _check_cache(name, x, batch, heads, dim, device, dtype):
@@ -275,7 +316,7 @@ def nsa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.T
                slc_block: int = 64, topk: int = 16, window: int = 512, init_blocks: int = 1,
                local_blocks: int = 2, scale: Optional[float] = None, k_win: Optional[torch.Tensor] = None,
                v_win: Optional[torch.Tensor] = None, return_block_indices: bool = False,
-               num_splits: Optional[int] = None):
+               num_splits: Optional[int] = None, parts_per_program: Optional[int] = None):
     """One NSA decode step for B sequences of different cache lengths (module docstring).
 
     Args:
@@ -288,7 +329,7 @@ def nsa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.T
             (not checked on the host: clamped into that range in the kernels).
         cmp_block, cmp_stride, slc_block, topk, window, init_blocks, local_blocks, scale: as
             ``nsa_attention``.
-        num_splits: splits of the compressed tokens (None: from the GPU size).
+        num_splits, parts_per_program: S and PPP of the module docstring (None: ``decode_plan``).
     Returns:
         o [B, HQ, Dv] in q's dtype; with ``return_block_indices`` also int32 [B, HKV, topk]
         (ascending, -1 padded).
@@ -326,43 +367,57 @@ def nsa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.T
     if cmp_block % cmp_stride or slc_block % cmp_stride or cmp_block > slc_block:
         raise ValueError(f"cmp_stride={cmp_stride} must divide cmp_block={cmp_block} and slc_block={slc_block}, "
                          "and cmp_block <= slc_block")
+    for name, val in (("num_splits", num_splits), ("parts_per_program", parts_per_program)):
+        if val is not None and int(val) < 1:
+            raise ValueError(f"{name} must be >= 1, got {val}")
     scale = 1.0 / math.sqrt(DQK) if scale is None else float(scale)
     q, gates = q.contiguous(), gates.contiguous()
 
     G = HQ // HKV
     g_pad, dqk_p, dv_p = max(16, next_pow2(G)), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    block_c = 16 if interpreting() else 64
-    splits = num_splits or decode_splits(B, HKV, CCAP, block_c)
-    chunk = triton.cdiv(triton.cdiv(CCAP, splits), block_c) * block_c
+    # compressed tiles of TB whole selection blocks (R = l'/d compressed tokens each)
+    rpb = slc_block // cmp_stride
+    block_c = max(16 if interpreting() else CMP_TILE, next_pow2(rpb))
+    tb = block_c // rpb
+    tile = tb * rpb
     piece = max(16, next_pow2(slc_block))
     n_win = triton.cdiv(window, piece)
-    npart = topk + n_win
-    f32 = dict(dtype=torch.float32, device=dev)
-    scr_s = torch.empty(B * HKV * g_pad * CCAP, **f32)
-    scr_m = torch.empty(B * HKV * max(splits, npart) * g_pad, **f32)
-    scr_l = torch.empty_like(scr_m)
-    scr_a = torch.empty(scr_m.numel() * dv_p, **f32)
-    scr_p = torch.empty(B * HKV * CCAP, **f32)
-    o_cmp = torch.empty(B, HQ, DV, **f32)
-    lse_cmp = torch.empty(B, HQ, **f32)
+    splits, ppp = decode_plan(B, HKV, CCAP, tile, topk, n_win)
+    splits, ppp = num_splits or splits, min(parts_per_program or ppp, max(topk, n_win))
+    chunk = triton.cdiv(triton.cdiv(CCAP, splits), tile) * tile
+    splits = triton.cdiv(CCAP, chunk)  # no empty splits
+    nsp, nwp = triton.cdiv(topk, ppp), triton.cdiv(n_win, ppp)
+    npt = splits + nsp + nwp
+    nta = triton.cdiv(CCAP, tile)
+    nba = nta * tb
+    nb_p = next_pow2(triton.cdiv(LCAP, slc_block))
+    bj = min(BLOCK_J * 16 // g_pad, nb_p)
+
+    groups = B * HKV
+    sizes = (groups * npt * g_pad, groups * npt * g_pad, groups * npt * g_pad * dv_p, groups * g_pad * nba,
+             groups * nta * g_pad, groups * nta * g_pad)
+    scr_m, scr_l, scr_a, blk_a, blk_m, blk_e = torch.empty(sum(sizes), dtype=torch.float32, device=dev).split(sizes)
+    keys = torch.empty(groups * nb_p, dtype=torch.int64, device=dev)
     bi = new_empty(B, HKV, topk, dtype=torch.int32, device=dev)
     o = new_empty(B, HQ, DV, dtype=dt, device=dev)
     warps = 4 if g_pad * max(dqk_p, dv_p) <= 4096 else 8
-    common = dict(G=G, G_PAD=g_pad, DV=DV, DV_P=dv_p)
+    common = dict(G=G, G_PAD=g_pad)
     _cmp_partial[(B, HKV, splits)](
-        q, k_cmp, v_cmp, lengths, scr_s, scr_m, scr_l, scr_a, scale * LOG2E, HQ, HKV, CCAP,
-        k_cmp.stride(0), v_cmp.stride(0), chunk, splits, DQK=DQK, DQK_P=dqk_p, CBLOCK=cmp_block,
-        CSTRIDE=cmp_stride, LCAP=LCAP, BLOCK_C=block_c, num_warps=warps, **common)
-    _cmp_select[(B, HKV)](
-        lengths, scr_s, scr_m, scr_l, scr_a, scr_p, o_cmp, lse_cmp, bi, HQ, HKV, CCAP, splits,
-        CBLOCK=cmp_block, CSTRIDE=cmp_stride, SBLOCK=slc_block, LCAP=LCAP, TOPK=topk, TOPK_P=next_pow2(topk),
-        INIT=init_blocks, LOCAL=local_blocks, NB_P=next_pow2(triton.cdiv(LCAP, slc_block)), BLOCK_C=block_c,
-        num_warps=4, **common)
-    _slc_win_partial[(B, HKV, npart)](
+        q, k_cmp, v_cmp, lengths, scr_m, scr_l, scr_a, blk_a, blk_m, blk_e, scale * LOG2E, HQ, HKV,
+        k_cmp.stride(0), v_cmp.stride(0), chunk, npt, nba, nta, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p,
+        CBLOCK=cmp_block, CSTRIDE=cmp_stride, SBLOCK=slc_block, LCAP=LCAP, BLOCK_C=block_c, TB=tb,
+        TB_P=max(16, next_pow2(tb)), num_warps=warps, num_stages=CMP_STAGES, **common)
+    _block_scores[(B, HKV, nb_p // bj)](
+        lengths, scr_m, scr_l, blk_a, blk_m, blk_e, keys, HKV, splits, npt, nba, nta, CBLOCK=cmp_block,
+        CSTRIDE=cmp_stride, SBLOCK=slc_block, LCAP=LCAP, INIT=init_blocks, LOCAL=local_blocks, TB=tb,
+        S_P=next_pow2(splits), NB_P=nb_p, BJ=bj, num_warps=4, **common)
+    _topk[(B, HKV)](keys, bi, HKV, TOPK=topk, TOPK_P=next_pow2(topk), NB_P=nb_p,
+                    num_warps=min(16, max(4, nb_p // (32 * TOPK_KEYS_PER_THREAD))))
+    _slc_win_partial[(B, HKV, nsp + nwp)](
         q, k, v, k_win, v_win, lengths, bi, scr_m, scr_l, scr_a, scale * LOG2E, HQ, HKV,
-        k.stride(0), v.stride(0), k_win.stride(0), v_win.stride(0), DQK=DQK, DQK_P=dqk_p,
-        SBLOCK=slc_block, PIECE=piece, WINDOW=window, LCAP=LCAP, TOPK=topk, NPART=npart,
-        num_warps=warps, **common)
-    _combine[(B, HKV)](o_cmp, gates, scr_m, scr_l, scr_a, o, HQ, HKV, TOPK=topk, NPART=npart, num_warps=4,
-                       **common)
+        k.stride(0), v.stride(0), k_win.stride(0), v_win.stride(0), npt, splits, DQK=DQK, DV=DV,
+        DQK_P=dqk_p, DV_P=dv_p, SBLOCK=slc_block, PIECE=piece, WINDOW=window, LCAP=LCAP, TOPK=topk, NSP=nsp,
+        PPP=ppp, num_warps=warps, **common)
+    _combine[(B, HQ)](gates, scr_m, scr_l, scr_a, o, HQ, HKV, npt, splits, splits + nsp, DV=DV, DV_P=dv_p,
+                      NPT_P=next_pow2(npt), num_warps=min(16, max(4, next_pow2(npt) * dv_p // 2048)), **common)
     return (o, bi) if return_block_indices else o

@@ -7,7 +7,7 @@ decode is torch SDPA (flash / efficient / cuDNN, each tried; the fastest is the 
 over the full selection-branch cache, in the same process. Both are timed as CUDA graphs
 (falling back to eager launches if capture fails) with CUDA events, median of the replays.
 Achieved bandwidth = bytes the step must read (NSA: compressed + selected + window K/V, q,
-gates and its fp32 logits scratch; dense: all K/V) / time. Writes
+gates and its fp32 block-score scratch; dense: all K/V) / time. Writes
 benchmarks/decode-<date>.json and .md (BENCHMARKS.md format) and prints a table last.
 
     python tools/bench_decode.py                       # B 1,8,32 x T 8k,32k,64k,128k
@@ -70,7 +70,8 @@ def nsa_bytes(batch: int, ctx: int, elem: int = 2) -> int:
     n_cmp = (ctx - l) // d + 1
     g = HQ // HKV
     kv_tokens = n_cmp + min(ctx, n * ls) + min(ctx, w)
-    per_group = kv_tokens * 2 * D * elem + 2 * g * n_cmp * 4  # K+V rows, fp32 logits written + read
+    n_blocks = -(-n_cmp * d // ls)
+    per_group = kv_tokens * 2 * D * elem + 2 * g * n_blocks * 4  # K+V rows, fp32 block-score partials w + r
     return batch * (HKV * per_group + HQ * (D + 3 + D) * elem)
 
 

@@ -41,9 +41,11 @@ def _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale, chosen=None):
     return torch.cat(outs), torch.cat(picks)
 
 
-def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_splits=2, kernel_blocks=False):
+def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_splits=2, kernel_blocks=False,
+         per_program=None):
     """Kernel vs reference on one random batch; ``kernel_blocks``: the reference reads the
-    blocks the kernel chose (its own choice is still returned as ref_b)."""
+    blocks the kernel chose (its own choice is still returned as ref_b); ``per_program``:
+    selection slots and window pieces per program (None: the launcher's choice)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
     B, cap = len(lengths), max(lengths) + 5
@@ -60,7 +62,8 @@ def _run(lengths, hq, hkv, dqk, dv, dtype, hp, independent=True, seed=0, num_spl
         o, bi = nsa_decode(f(q), f(k), f(v), f(kc), f(vc), f(gates),
                            torch.tensor(lengths, dtype=torch.int32, device=dev), scale=scale,
                            k_win=f(kw) if independent else None, v_win=f(vw) if independent else None,
-                           return_block_indices=True, num_splits=num_splits, **hp)
+                           return_block_indices=True, num_splits=num_splits, parts_per_program=per_program,
+                           **hp)
     if kernel_blocks:
         ref_o, _ = _reference(q, k, v, kw, vw, kc, vc, gates, lengths, hp, scale, chosen=bi.cpu())
     return o.double().cpu(), bi.cpu(), ref_o, ref_b
@@ -74,6 +77,46 @@ def test_decode_matches_reference_fp32(hq, hkv, dqk, dv, independent):
     assert torch.equal(bi, ref_b), (bi, ref_b)
     tol = 2e-3 if torch.cuda.is_available() else 1e-5  # tf32 dots on GPU
     assert rel_err(o, ref_o) <= tol
+
+
+@pytest.mark.parametrize("num_splits,per_program", [(1, 1), (7, 3), (40, 8)], ids=["S1-PP1", "S7-PP3", "S40-PP8"])
+def test_decode_work_splits(num_splits, per_program):
+    """Splits of the compressed tokens (one, some, more than the tiles: empty ones dropped) and
+    selection slots / window pieces per program (one, not dividing topk or the window, more
+    than either)."""
+    hp = dict(HP, topk=5, window=40)
+    lengths = [1, 90, 37, 128, 16]
+    o, bi, ref_o, ref_b = _run(lengths, 4, 2, 16, 16, torch.float32, hp, num_splits=num_splits,
+                               per_program=per_program, seed=3)
+    assert torch.equal(bi, ref_b), (bi, ref_b)
+    assert rel_err(o, ref_o) <= (2e-3 if torch.cuda.is_available() else 1e-5)
+
+
+@pytest.mark.parametrize("hp", [
+    dict(cmp_block=8, cmp_stride=4, slc_block=12, topk=4, window=20, init_blocks=1, local_blocks=1),
+    dict(cmp_block=16, cmp_stride=4, slc_block=16, topk=3, window=20, init_blocks=0, local_blocks=2),
+    dict(cmp_block=4, cmp_stride=1, slc_block=32, topk=2, window=20, init_blocks=1, local_blocks=1),
+], ids=["R3-not-pow2", "C-equals-R", "R-over-tile"])
+def test_decode_block_geometries(hp):
+    """Block scores when l'/d is not a power of two, when a compressed token spans a whole
+    selection block (l = l'), and when one selection block is longer than a compressed tile."""
+    lengths = [1, 70, 33, 100, 64]
+    o, bi, ref_o, ref_b = _run(lengths, 4, 2, 16, 16, torch.float32, hp, num_splits=3, seed=4)
+    assert torch.equal(bi, ref_b), (bi, ref_b)
+    assert rel_err(o, ref_o) <= (2e-3 if torch.cuda.is_available() else 1e-5)
+
+
+def test_decode_many_score_programs(monkeypatch):
+    """Block scores spread over several programs per (sequence, KV head), with tile spills
+    crossing program boundaries (the real sizes score 128 blocks per program)."""
+    import nsa_kernels.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "BLOCK_J", 4)
+    hp = dict(HP, topk=6, local_blocks=2)
+    lengths = [200, 1, 130, 47, 190]
+    o, bi, ref_o, ref_b = _run(lengths, 4, 2, 16, 16, torch.float32, hp, num_splits=3, seed=5)
+    assert torch.equal(bi, ref_b), (bi, ref_b)
+    assert rel_err(o, ref_o) <= (2e-3 if torch.cuda.is_available() else 1e-5)
 
 
 def test_decode_fp16_and_paper_ratios():
