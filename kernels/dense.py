@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .varlen import Varlen, new_empty, next_pow2
+from .varlen import Varlen, new_empty, next_pow2, to_device
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -216,12 +216,12 @@ def _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, s_a, s_b, hi, qk_scale,
 
 
 @triton.jit
-def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ, TILES, Q_CU, Q_POS0, K_CU,
+def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ_IN, DQ, TILES, Q_CU, Q_POS0, K_CU,
                   qk_scale, scale, HQ, HKV, gate_stride,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr,
-                  HAS_GATE: tl.constexpr):
+                  HAS_GATE: tl.constexpr, ACCUM: tl.constexpr):
     g = tl.program_id(1)
     row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
         TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
@@ -237,10 +237,20 @@ def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ, TILES, Q_CU, Q_POS0, K_CU,
                     DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
     acc = _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, f2, hi, hi, qk_scale, HKV,
                     DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    ptrs = DQ + qrow[:, None] * DQK + dq[None, :]
-    msk = row_ok[:, None] & (dq[None, :] < DQK)
-    prev = tl.load(ptrs, mask=msk, other=0.0)
-    tl.store(ptrs, prev + acc * scale, mask=msk)
+    store_grad(DQ, DQ_IN, qrow[:, None] * DQK + dq[None, :], row_ok[:, None] & (dq[None, :] < DQK),
+               acc * scale, ACCUM, False)
+
+
+@triton.jit
+def store_grad(OUT, IN, offs, msk, g, ACCUM: tl.constexpr, ATOMIC: tl.constexpr):
+    """OUT[offs] = g (+ IN[offs] when ACCUM) in OUT's dtype; ATOMIC: OUT[offs] += g (fp32),
+    relaxed: only later kernels read the sums, so no fence per atomic."""
+    if ATOMIC:
+        tl.atomic_add(OUT + offs, g, mask=msk, sem="relaxed")
+    else:
+        if ACCUM:
+            g += tl.load(IN + offs, mask=msk, other=0.0)
+        tl.store(OUT + offs, g.to(OUT.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -283,13 +293,13 @@ def _dkdv_steps(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, kp, q_beg, pos0, g, t_
 
 
 @triton.jit
-def _dense_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, KTILES, Q_CU, Q_POS0, K_CU,
+def _dense_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK_IN, DV_IN, DK, DV_, KTILES, Q_CU, Q_POS0, K_CU,
                     qk_scale, scale, HQ, HKV, gate_stride,
                     G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_N: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                     DQK_P: tl.constexpr, DV_P: tl.constexpr, KSTRIDE: tl.constexpr,
                     KOFF: tl.constexpr, WINDOW: tl.constexpr, HAS_GATE: tl.constexpr,
-                    ATOMIC: tl.constexpr):
+                    ACCUM: tl.constexpr, ATOMIC: tl.constexpr):
     tile = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(KTILES + 4 * tile)
@@ -334,16 +344,10 @@ def _dense_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, KTILES, Q_CU, Q_POS0
                             tok_hi, tok_hi, qk_scale, HQ, gate_stride,
                             G, G_PAD, BLOCK_T, DQK, DV, DQK_P, DV_P, WINDOW, HAS_GATE, True)
 
-    kmask = s_ok[:, None] & (dq[None, :] < DQK)
-    vmask = s_ok[:, None] & (dv[None, :] < DV)
-    dk_ptrs = DK + krow[:, None] * DQK + dq[None, :]
-    dv_ptrs = DV_ + krow[:, None] * DV + dv[None, :]
-    if ATOMIC:
-        tl.atomic_add(dk_ptrs, dk * scale, mask=kmask)
-        tl.atomic_add(dv_ptrs, dvacc, mask=vmask)
-    else:
-        tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kmask, other=0.0) + dk * scale, mask=kmask)
-        tl.store(dv_ptrs, tl.load(dv_ptrs, mask=vmask, other=0.0) + dvacc, mask=vmask)
+    store_grad(DK, DK_IN, krow[:, None] * DQK + dq[None, :], s_ok[:, None] & (dq[None, :] < DQK),
+               dk * scale, ACCUM, ATOMIC)
+    store_grad(DV_, DV_IN, krow[:, None] * DV + dv[None, :], s_ok[:, None] & (dv[None, :] < DV),
+               dvacc, ACCUM, ATOMIC)
 
 
 def _common(q, k, v):
@@ -383,47 +387,91 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
     return o, lse
 
 
+class GradTarget:
+    """Where one backward kernel leaves ``acc + its gradient term`` for one tensor.
+
+    ``acc``: fp32 accumulator holding the earlier branches' terms (None: this kernel's term is
+    the first, so nothing is zero-filled); ``out``: tensor of any float dtype receiving the sum
+    (None: ``acc``, or a new fp32 buffer). ``direct``: the kernel stores every element itself
+    (no atomics, full coverage), so it reads ``acc`` and writes ``out`` in one pass; otherwise
+    it adds into an fp32 buffer (``acc`` or zeros) that :meth:`result` copies to ``out``.
+    """
+
+    def __init__(self, acc, out, shape, device, direct: bool):
+        self.out, self.direct = out, direct
+        self.accum = acc is not None or not direct  # the kernel adds what ``src`` holds
+        if not direct:
+            acc = torch.zeros(*shape, dtype=torch.float32, device=device) if acc is None else acc
+            self.dst = acc
+        elif out is not None or acc is not None:
+            self.dst = out if out is not None else acc
+        else:
+            self.dst = new_empty(*shape, dtype=torch.float32, device=device)
+        self.src = acc if acc is not None else self.dst
+
+    def result(self, ran: bool = True) -> torch.Tensor:
+        """The summed gradient; ``ran=False`` when the kernel had nothing to do (no rows)."""
+        if not ran and self.direct:
+            if self.accum:
+                if self.dst is not self.src:
+                    self.dst.copy_(self.src)
+            else:
+                self.dst.zero_()
+        if self.out is not None and self.out is not self.dst:
+            self.out.copy_(self.dst)
+            return self.out
+        return self.dst
+
+
 def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_stride: int,
                         key_offset: int, window: int, scale: float, gate=None,
-                        dq_acc=None, dk_acc=None, dv_acc=None, kernels=("dq", "dkdv")):
+                        dq_acc=None, dk_acc=None, dv_acc=None, dq_out=None, dk_out=None,
+                        dv_out=None, kernels=("dq", "dkdv")):
     """Backward of :func:`dense_attention_fwd`.
 
     The branch's output gradient is ``gate[..., None] * do`` (``gate`` [Tq, HQ] any float view,
     row stride = HQ * its last stride; None means 1). ``delta`` [Tq, HQ] fp32 is
-    rowsum(d o_branch * o_branch). Gradients are *added* into the fp32 accumulators
-    ``dq_acc`` [Tq, HQ, Dqk], ``dk_acc`` [Tk, HKV, Dqk], ``dv_acc`` [Tk, HKV, Dv] (fresh zero
-    buffers when None). ``kernels`` names the kernels to run (a subset times one alone).
-    Returns (dq_acc, dk_acc, dv_acc).
+    rowsum(d o_branch * o_branch). Each gradient is this branch's term plus the fp32
+    accumulator ``dq_acc`` [Tq, HQ, Dqk], ``dk_acc`` [Tk, HKV, Dqk], ``dv_acc`` [Tk, HKV, Dv]
+    (None: no earlier term), written to ``dq_out`` / ``dk_out`` / ``dv_out`` (same shapes, any
+    float dtype; None: into the accumulator, or a new fp32 tensor); see :class:`GradTarget`.
+    ``kernels`` names the kernels to run (a subset times one alone; the other's outputs are
+    then left unwritten). Returns (dq, dk, dv), the tensors holding the sums.
     """
     T, HQ, HKV, DQK, DV, G = _common(q, k, v)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq_acc = torch.zeros(T, HQ, DQK, **f32) if dq_acc is None else dq_acc
-    dk_acc = torch.zeros(k.shape[0], HKV, DQK, **f32) if dk_acc is None else dk_acc
-    dv_acc = torch.zeros(v.shape[0], HKV, DV, **f32) if dv_acc is None else dv_acc
-    if T == 0 or k.shape[0] == 0:
-        return dq_acc, dk_acc, dv_acc
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
+    cfg_dq = dense_config(g_pad, dqk_p, dv_p, "dq")
+    cfg_kv = dense_config(g_pad, dqk_p, dv_p, "dkdv")
+    ktiles, split, covers = key_work(
+        layout, k_cu, cfg_kv["BLOCK_N"], key_stride, key_offset, window,
+        qchunk=DKDV_QUERY_CHUNK or (1 << 30 if interpreting() else 1024))
+    direct_kv = not split and covers
+    dqt = GradTarget(dq_acc, dq_out, (T, HQ, DQK), q.device, direct=True)
+    dkt = GradTarget(dk_acc, dk_out, (k.shape[0], HKV, DQK), q.device, direct=direct_kv)
+    dvt = GradTarget(dv_acc, dv_out, (v.shape[0], HKV, DV), q.device, direct=direct_kv)
     has_gate = gate is not None
     gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if has_gate and gate.stride(0) != HQ * gate.stride(1):
         raise ValueError("gate must be a [Tq, HQ] view with row stride HQ * head stride")
     common = dict(G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, KSTRIDE=key_stride,
                   KOFF=key_offset, WINDOW=window, HAS_GATE=has_gate)
-    cfg = dense_config(g_pad, dqk_p, dv_p, "dq")
-    tiles = layout.tiles(cfg["BLOCK_T"])
-    if "dq" in kernels:
+    run_dq = "dq" in kernels and T > 0 and k.shape[0] > 0
+    if run_dq:
+        tiles = layout.tiles(cfg_dq["BLOCK_T"])
         _dense_bwd_dq[(tiles.shape[0], HKV)](
-            q, k, v, do, lse, delta, gate_arg, dq_acc, tiles, layout.q_cu, layout.q_pos0, k_cu,
-            scale * LOG2E, scale, HQ, HKV, gate_stride, **common, **cfg)
-    cfg = dense_config(g_pad, dqk_p, dv_p, "dkdv")
-    ktiles, split = key_work(layout, k_cu, cfg["BLOCK_N"], key_stride, key_offset, window,
-                             qchunk=DKDV_QUERY_CHUNK or (1 << 30 if interpreting() else 1024))
-    if ktiles.shape[0] and "dkdv" in kernels:
+            q, k, v, do, lse, delta, gate_arg, dqt.src, dqt.dst, tiles, layout.q_cu,
+            layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, ACCUM=dqt.accum,
+            **common, **cfg_dq)
+    run_kv = "dkdv" in kernels and ktiles.shape[0] > 0
+    if run_kv:
         _dense_bwd_dkdv[(ktiles.shape[0], HKV)](
-            q, k, v, do, lse, delta, gate_arg, dk_acc, dv_acc, ktiles, layout.q_cu,
-            layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, ATOMIC=split,
-            **common, **cfg)
-    return dq_acc, dk_acc, dv_acc
+            q, k, v, do, lse, delta, gate_arg, dkt.src, dvt.src, dkt.dst, dvt.dst, ktiles,
+            layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride,
+            ACCUM=dkt.accum, ATOMIC=split, **common, **cfg_kv)
+    skip_dq, skip_kv = "dq" not in kernels, "dkdv" not in kernels
+    return (dqt.dst if skip_dq else dqt.result(run_dq),
+            dkt.dst if skip_kv else dkt.result(run_kv),
+            dvt.dst if skip_kv else dvt.result(run_kv))
 
 
 def key_work(layout: Varlen, k_cu, block_n: int, key_stride: int, key_offset: int, window: int,
@@ -431,24 +479,33 @@ def key_work(layout: Varlen, k_cu, block_n: int, key_stride: int, key_offset: in
     """dK/dV work list: int32 [W, 4] rows (sequence, first key, first query row, end query row)
     covering, for every tile of ``block_n`` keys, the query rows that can see it, cut into
     pieces of at most ``qchunk`` rows (long causal ranges would leave a few programs doing
-    most of the work). Returns (work, split) with split True when any tile has several pieces
-    (their partial dK/dV are then added atomically)."""
-    rows, split = [], False
-    k_bounds = k_cu.tolist()
-    for b, (n_q, p0) in enumerate(zip(layout.lens, layout.pos0)):
-        n_k = k_bounds[b + 1] - k_bounds[b]
-        for s0 in range(0, n_k, block_n):
-            lo = max(s0 * key_stride + key_offset - p0, 0)
-            hi = n_q
-            if window > 0:
-                last = (min(s0 + block_n, n_k) - 1) * key_stride + key_offset
-                hi = min(n_q, max(last + window - p0, 0))
-            if lo >= hi:
-                continue
-            split = split or hi - lo > qchunk
-            rows += [(b, s0, a, min(a + qchunk, hi)) for a in range(lo, hi, qchunk)]
-    work = torch.tensor(rows if rows else [[0, 0, 0, 0]], dtype=torch.int32).reshape(-1, 4)
-    return work[: len(rows)].to(k_cu.device), split
+    most of the work). Planned on the host from the layout's lists (no device read-back).
+
+    Returns (work, split, covers): split is True when any tile has several pieces (their
+    partial dK/dV are then added atomically); covers is True when every key tile has work
+    (so the kernel writes every key row)."""
+    bounds = torch.tensor(layout.key_bounds(k_cu), dtype=torch.int64)
+    n_k = bounds[1:] - bounds[:-1]
+    n_q = torch.tensor(layout.lens, dtype=torch.int64)
+    p0 = torch.tensor(layout.pos0, dtype=torch.int64)
+    per_seq = (n_k + block_n - 1) // block_n
+    seq = torch.repeat_interleave(torch.arange(n_k.numel()), per_seq)
+    s0 = (torch.arange(seq.numel()) - torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq,
+                                                              per_seq)) * block_n
+    lo = (s0 * key_stride + key_offset - p0[seq]).clamp_min(0)
+    hi = n_q[seq]
+    if window > 0:
+        last = (torch.minimum(s0 + block_n, n_k[seq]) - 1) * key_stride + key_offset
+        hi = torch.minimum(hi, (last + window - p0[seq]).clamp_min(0))
+    pieces = torch.where(lo < hi, (hi - lo + qchunk - 1) // qchunk, 0)
+    tile = torch.repeat_interleave(torch.arange(seq.numel()), pieces)
+    piece = torch.arange(tile.numel()) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces,
+                                                                 pieces)
+    a = lo[tile] + piece * qchunk
+    work = torch.stack([seq[tile], s0[tile], a, torch.minimum(a + qchunk, hi[tile])], 1)
+    split = bool((pieces > 1).any())
+    covers = bool((pieces > 0).all())
+    return to_device(work.to(torch.int32), k_cu.device), split, covers
 
 
 def default_scale(dqk: int) -> float:

@@ -2,24 +2,44 @@
 
 Forward: compressed attention (-> lse) -> block scores + top-n -> selected attention ->
 sliding window -> gated sum. Backward: the gate/delta pass, then each branch's dQ and dK/dV
-kernels adding into fp32 accumulators (dQ shared by the three branches; dK/dV shared by the
-selected and window branches when they use the same keys). See README.md for the maths.
+kernels summing into fp32 (dQ shared by the three branches; dK/dV shared by the selected and
+window branches when they use the same keys): the first kernel of a sum stores its term, the
+last writes the input dtype. See README.md for the maths.
+Only the forward reads anything back from the device (the sequence lengths, once).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
 from .combine import combine_bwd, combine_fwd
 from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
-from .layout import compressed_cu_seqlens
+from .layout import num_compressed
 from .selected import selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks_triton
-from .varlen import Varlen
+from .varlen import Varlen, new_empty, to_device
+
+
+def _compressed_cu(layout: Varlen, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """int32 [N+1] compressed-token boundaries on the device, planned from the host lengths
+    (registered with ``layout``, so no launcher reads them back)."""
+    counts = [num_compressed(n, cmp_block, cmp_stride) for n in layout.lens]
+    bounds = [0, *itertools.accumulate(counts)]
+    kc_cu = to_device(torch.tensor(bounds, dtype=torch.int32), layout.device)
+    layout.register_keys(kc_cu, bounds)
+    return kc_cu
+
+
+def _grad_out(x: torch.Tensor):
+    """Tensor a gradient sum of ``x`` is written to by its last kernel: None (the fp32
+    accumulator itself) for fp32 inputs, else a new tensor in ``x``'s dtype."""
+    return None if x.dtype == torch.float32 else new_empty(*x.shape, dtype=x.dtype, device=x.device)
 
 
 def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
     layout = Varlen.build(cu_seqlens)
-    kc_cu = compressed_cu_seqlens(cu_seqlens, hp["cmp_block"], hp["cmp_stride"])
+    kc_cu = _compressed_cu(layout, hp["cmp_block"], hp["cmp_stride"])
     o_cmp, lse_cmp = dense_attention_fwd(q, k_cmp, v_cmp, layout, kc_cu, key_stride=hp["cmp_stride"],
                                          key_offset=hp["cmp_block"] - 1, window=0, scale=scale)
     blocks = select_blocks_triton(q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=hp["cmp_block"],
@@ -44,8 +64,9 @@ class NSATritonFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
         o, blocks, layout, kc_cu, outs, lses = _forward(q, k, v, k_cmp, v_cmp, gates, k_win,
                                                         v_win, cu_seqlens, hp, scale)
-        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, kc_cu,
-                              blocks, *outs, *lses)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, blocks, *outs, *lses)
+        # the key boundaries stay the tensors the layout knows on the host (no read-back)
+        ctx.cu, ctx.kc_cu = layout.q_cu, kc_cu
         ctx.layout, ctx.hp, ctx.scale = layout, hp, scale
         ctx.shared_win = hp["shared_win"]
         ctx.mark_non_differentiable(blocks)
@@ -53,28 +74,30 @@ class NSATritonFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _unused):
-        (q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu, kc_cu, blocks, o_cmp, o_slc, o_win,
+        (q, k, v, k_cmp, v_cmp, gates, k_win, v_win, blocks, o_cmp, o_slc, o_win,
          lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
-        hp, scale, layout = ctx.hp, ctx.scale, ctx.layout
+        hp, scale, layout, cu, kc_cu = ctx.hp, ctx.scale, ctx.layout, ctx.cu, ctx.kc_cu
         do = do.contiguous()
         dgates, delta = combine_bwd(do, o_cmp, o_slc, o_win, gates)
         dq, dkc, dvc = dense_attention_bwd(
             q, k_cmp, v_cmp, do, lse_cmp, delta[0], layout, kc_cu, key_stride=hp["cmp_stride"],
-            key_offset=hp["cmp_block"] - 1, window=0, scale=scale, gate=gates[:, :, 0])
+            key_offset=hp["cmp_block"] - 1, window=0, scale=scale, gate=gates[:, :, 0],
+            dk_out=_grad_out(k_cmp), dv_out=_grad_out(v_cmp))
+        shared = ctx.shared_win
         _, dk, dv = selected_attention_bwd(
             q, k, v, do, lse_slc, delta[1], blocks, layout, cu, slc_block=hp["slc_block"],
-            scale=scale, gate=gates[:, :, 1], dq_acc=dq)
-        win_acc = (dk, dv) if ctx.shared_win else (None, None)
-        _, dkw, dvw = dense_attention_bwd(
+            scale=scale, gate=gates[:, :, 1], dq_acc=dq,
+            dk_out=None if shared else _grad_out(k), dv_out=None if shared else _grad_out(v))
+        win_acc = (dk, dv) if shared else (None, None)
+        dq, dkw, dvw = dense_attention_bwd(
             q, k_win, v_win, do, lse_win, delta[2], layout, cu, key_stride=1, key_offset=0,
-            window=hp["window"], scale=scale, gate=gates[:, :, 2], dq_acc=dq,
-            dk_acc=win_acc[0], dv_acc=win_acc[1])
-        grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkc.to(k_cmp.dtype),
-                 dvc.to(v_cmp.dtype), dgates]
-        if ctx.shared_win:
-            grads += [None, None]
+            window=hp["window"], scale=scale, gate=gates[:, :, 2], dq_acc=dq, dq_out=_grad_out(q),
+            dk_acc=win_acc[0], dv_acc=win_acc[1], dk_out=_grad_out(k_win),
+            dv_out=_grad_out(v_win))
+        if shared:
+            grads = [dq, dkw, dvw, dkc, dvc, dgates, None, None]
         else:
-            grads += [dkw.to(k_win.dtype), dvw.to(v_win.dtype)]
+            grads = [dq, dk, dv, dkc, dvc, dgates, dkw, dvw]
         return (*grads, None, None, None)
 
 
@@ -95,7 +118,7 @@ def nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens, *, cmp_block:
         o [T, HQ, Dv] in q's dtype; with ``return_block_indices`` also int32 [T, HKV, topk].
     """
     if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+        cu_seqlens = to_device(torch.tensor([0, q.shape[0]], dtype=torch.int32), q.device)
     if interpreting() and any(t is not None and t.dtype == torch.bfloat16
                               for t in (q, k, v, k_cmp, v_cmp, k_win, v_win)):
         from .interpreter import enable_interpreter_bf16_dot

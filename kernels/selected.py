@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense import LOG2E, _load_bwd_rows, dkdv_step, interpreting
-from .varlen import new_empty, Varlen, next_pow2
+from .dense import LOG2E, GradTarget, _load_bwd_rows, dkdv_step, interpreting, store_grad
+from .varlen import new_empty, Varlen, next_pow2, to_device
 
 # launch overrides {"fwd"|"dq": {num_warps, num_stages}, "dkdv": {ROWS, SEGMENT, num_warps,
 # num_stages}} for the benchmark's sweep; see _launch
@@ -86,10 +86,11 @@ def _slc_fwd(Q, K, V, O, LSE, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, HQ, HKV,
 
 
 @triton.jit
-def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, scale,
+def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ_IN, DQ, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, scale,
                 HQ, HKV, gate_stride, G: tl.constexpr, GR: tl.constexpr, DQK: tl.constexpr,
                 DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr, BS: tl.constexpr,
-                BS_P: tl.constexpr, NSEL: tl.constexpr, HAS_GATE: tl.constexpr):
+                BS_P: tl.constexpr, NSEL: tl.constexpr, HAS_GATE: tl.constexpr,
+                ACCUM: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(ROWSEQ + t)
@@ -118,9 +119,8 @@ def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ, BI, ROWSEQ, ROWPOS, K_CU, qk_
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         acc += tl.dot(ds.to(k.dtype), k)
-    ptrs = DQ + qrow[:, None] * DQK + dq[None, :]
-    msk = row_ok[:, None] & (dq[None, :] < DQK)
-    tl.store(ptrs, tl.load(ptrs, mask=msk, other=0.0) + acc * scale, mask=msk)
+    store_grad(DQ, DQ_IN, qrow[:, None] * DQK + dq[None, :], row_ok[:, None] & (dq[None, :] < DQK),
+               acc * scale, ACCUM, False)
 
 
 @triton.jit
@@ -160,10 +160,10 @@ def _slc_bwd_dkdv(Q, K, V, DO, LSE, DELTA, GATE, DK, DV_, WORK, TOKENS, ROWPOS, 
         vis = s_ok[:, None] & (s[:, None] <= pos[None, :])
         dk, dvacc = dkdv_step(k, v, dk, dvacc, Q, DO, LSE, DELTA, GATE, qrow, row_ok, vis,
                               gate_stride, qk_scale, DQK, DV, DQK_P, DV_P, HAS_GATE, True)
-    tl.atomic_add(DK + krow[:, None] * DQK + dq[None, :], dk * scale,
-                  mask=s_ok[:, None] & (dq[None, :] < DQK))
-    tl.atomic_add(DV_ + krow[:, None] * DV + dv[None, :], dvacc,
-                  mask=s_ok[:, None] & (dv[None, :] < DV))
+    store_grad(DK, DK, krow[:, None] * DQK + dq[None, :], s_ok[:, None] & (dq[None, :] < DQK),
+               dk * scale, False, True)
+    store_grad(DV_, DV_, krow[:, None] * DV + dv[None, :], s_ok[:, None] & (dv[None, :] < DV),
+               dvacc, False, True)
 
 
 def _dims(q, k, v):
@@ -196,54 +196,133 @@ def selected_attention_fwd(q, k, v, block_indices, layout: Varlen, k_cu, *, slc_
     return o, lse
 
 
+@triton.jit
+def _sel_keys(BI, ROWSEQ, BLK_OFF, KEYS, HIST, E, CT, K, NBT, HKV: tl.constexpr,
+              NSEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Key of every selection entry e (flat index into block_indices [T, HKV, n]):
+    kv head * NBT + the block's index among all sequences' blocks, -1 if empty; and
+    HIST[c, key] += 1 for the chunk c = token // CT holding the entry."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < E
+    j = tl.load(BI + e, mask=ok, other=-1)
+    t = e // (HKV * NSEL)
+    seq = tl.load(ROWSEQ + t, mask=ok, other=0)
+    key = ((e // NSEL) % HKV * NBT + tl.load(BLK_OFF + seq, mask=ok, other=0) + j).to(tl.int32)
+    key = tl.where(j >= 0, key, -1)
+    tl.store(KEYS + e, key, mask=ok)
+    tl.atomic_add(HIST + (t // CT) * K + key, 1, mask=ok & (j >= 0), sem="relaxed")
+
+
+@triton.jit
+def _sel_scatter(KEYS, CURSOR, TOKENS, T, CT, K, HKVN: tl.constexpr, HKVN_P: tl.constexpr):
+    """Stable counting-sort scatter of chunk c's tokens, one token per step (its keys are
+    distinct): slot = CURSOR[c, key]++ (CURSOR[c] starts at the chunk's first free slot of
+    each key), TOKENS[slot] = token. Every increment has returned before its thread reaches
+    the barrier (the store needs it), so the steps' increments stay ordered and tokens stay
+    ascending within each key; relaxed atomics suffice."""
+    c = tl.program_id(0)
+    row = CURSOR + c.to(tl.int64) * K
+    i = tl.arange(0, HKVN_P)
+    for t in range(c * CT, tl.minimum(c * CT + CT, T)):
+        key = tl.load(KEYS + t * HKVN + i, mask=i < HKVN, other=-1)
+        ok = key >= 0
+        slot = tl.atomic_add(row + key, 1, mask=ok, sem="relaxed")
+        tl.store(TOKENS + slot, t + i * 0, mask=ok)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _sel_work(CUM, COUNTS, STARTS, BLK_SEQ, BLK_OFF, WORK, W_MAX, K, NBT, SEGMENT, NO_BLOCK,
+              STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Work item w -> row (kv head, sequence, block, lo, hi): the key is the first with
+    CUM[key] > w (CUM = inclusive cumsum of pieces per key, binary search in STEPS steps);
+    items past the last piece get lo = hi = 0 and block NO_BLOCK, whose keys lie past every
+    sequence, so the dK/dV kernel loads and adds nothing for them."""
+    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.zeros([BLOCK], tl.int32) + K
+    for _ in range(STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(CUM + mid, mask=mid < K, other=0) <= w
+        lo = tl.where((lo < hi) & right, mid + 1, lo)
+        hi = tl.where((lo < hi) & ~right, mid, hi)
+    valid = lo < K
+    key = tl.minimum(lo, K - 1)
+    count = tl.load(COUNTS + key)
+    start = tl.load(STARTS + key)
+    piece = w - (tl.load(CUM + key) - (count + SEGMENT - 1) // SEGMENT)
+    a = tl.where(valid, start + piece * SEGMENT, 0)
+    b = tl.where(valid, tl.minimum(a + SEGMENT, start + count), 0)
+    blk = key % NBT
+    seq = tl.load(BLK_SEQ + blk)
+    out = WORK + w.to(tl.int64) * 5
+    ok = w < W_MAX
+    tl.store(out, key // NBT, mask=ok)
+    tl.store(out + 1, seq, mask=ok)
+    tl.store(out + 2, tl.where(valid, blk - tl.load(BLK_OFF + seq), NO_BLOCK), mask=ok)
+    tl.store(out + 3, a, mask=ok)
+    tl.store(out + 4, b, mask=ok)
+
+
 def block_work_list(block_indices, layout: Varlen, k_cu, slc_block: int, segment: int):
-    """CSR inversion of the selection for the dK/dV kernel.
+    """CSR inversion of the selection for the dK/dV kernel, by a stable counting sort on the
+    device (key histograms per chunk of tokens, their prefix sums, then each chunk scatters
+    its tokens in order); no host sync.
 
     Returns (work int32 [W, 5] rows (kv head, sequence, block, lo, hi) with hi - lo <= segment,
-    tokens int32 [E]: query rows sorted by (kv head, block), ascending within each block).
+    W an upper bound whose surplus rows have lo = hi = 0 and a block past every sequence
+    (sequences must stay under 2^30 keys); tokens int32 [T * HKV * n]: first the query rows
+    of every selection entry sorted by (kv head, block), ascending within each block).
     """
     T, HKV, n = block_indices.shape
     dev = block_indices.device
+    E = T * HKV * n
+    if E >= 1 << 31:
+        raise ValueError(f"{E} selection entries: the counting sort counts them in int32")
     row_seq, _ = layout.row_info()
-    k_lens = (k_cu[1:] - k_cu[:-1]).long()
-    nb_seq = (k_lens + slc_block - 1) // slc_block
-    blk_off = torch.cumsum(nb_seq, 0) - nb_seq
-    nb_tot = int(nb_seq.sum())
-    bi = block_indices.long()
-    valid = bi >= 0
-    gid = (torch.arange(HKV, device=dev)[None, :, None] * nb_tot + blk_off[row_seq.long()][:, None, None] + bi)
-    keys = gid[valid]
-    toks = torch.arange(T, device=dev)[:, None, None].expand_as(bi)[valid]
-    keys, order = torch.sort(keys, stable=True)
-    tokens = toks[order].to(torch.int32)
-    counts = torch.bincount(keys, minlength=HKV * nb_tot)
-    starts = torch.cumsum(counts, 0) - counts
-    segs = (counts + segment - 1) // segment
-    item_gid = torch.repeat_interleave(torch.arange(HKV * nb_tot, device=dev), segs)
-    first_item = torch.cumsum(segs, 0) - segs
-    item_k = torch.arange(item_gid.numel(), device=dev) - first_item[item_gid]
-    lo = starts[item_gid] + item_k * segment
-    hi = torch.minimum(lo + segment, starts[item_gid] + counts[item_gid])
-    blk = item_gid % max(nb_tot, 1)
-    blk_seq = torch.repeat_interleave(torch.arange(nb_seq.numel(), device=dev), nb_seq)
-    seq = blk_seq[blk]
-    work = torch.stack([item_gid // max(nb_tot, 1), seq, blk - blk_off[seq], lo, hi], 1)
-    return work.to(torch.int32).contiguous(), tokens.contiguous()
+    bounds = layout.key_bounds(k_cu)
+    nb_seq = torch.tensor([-(-(b - a) // slc_block) for a, b in zip(bounds[:-1], bounds[1:])],
+                          dtype=torch.int64)
+    nbt = int(nb_seq.sum())
+    K = HKV * nbt
+    blk_off = to_device((torch.cumsum(nb_seq, 0) - nb_seq).to(torch.int32), dev)
+    blk_seq = to_device(torch.repeat_interleave(torch.arange(nb_seq.numel(), dtype=torch.int32),
+                                                nb_seq), dev)
+    ct = max(64, -(-T // max(1, (1 << 24) // max(K, 1))))
+    nch = -(-T // ct)
+    hist = torch.zeros(nch, K, dtype=torch.int32, device=dev)
+    keys = new_empty(E, dtype=torch.int32, device=dev)
+    _sel_keys[(triton.cdiv(E, 1024),)](block_indices, row_seq, blk_off, keys, hist, E, ct, K, nbt,
+                                       HKV=HKV, NSEL=n, BLOCK=1024, num_warps=4)
+    counts = hist.sum(0, dtype=torch.int32)
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    cursor = torch.cumsum(hist, 0, dtype=torch.int32).sub_(hist).add_(starts)
+    tokens = new_empty(E, dtype=torch.int32, device=dev)
+    hkvn_p = next_pow2(HKV * n)
+    _sel_scatter[(nch,)](keys, cursor, tokens, T, ct, K, HKVN=HKV * n, HKVN_P=hkvn_p,
+                         num_warps=max(1, min(4, hkvn_p // 32)))
+    cum = torch.cumsum((counts + segment - 1) // segment, 0, dtype=torch.int32)
+    w_max = K + E // segment + 1
+    work = new_empty(w_max, 5, dtype=torch.int32, device=dev)
+    _sel_work[(triton.cdiv(w_max, 1024),)](cum, counts, starts, blk_seq, blk_off, work, w_max, K,
+                                           nbt, segment, (1 << 30) // slc_block,
+                                           STEPS=max(1, K.bit_length()), BLOCK=1024, num_warps=4)
+    return work, tokens
 
 
 def selected_attention_bwd(q, k, v, do, lse, delta, block_indices, layout: Varlen, k_cu, *,
                            slc_block: int, scale: float, gate=None, dq_acc=None, dk_acc=None,
-                           dv_acc=None, kernels=("dq", "dkdv")):
+                           dv_acc=None, dq_out=None, dk_out=None, dv_out=None,
+                           kernels=("dq", "dkdv")):
     """Backward of :func:`selected_attention_fwd`; conventions as ``dense_attention_bwd``
-    (branch output gradient ``gate * do``, ``delta`` = rowsum(d o_branch * o_branch), grads
-    added into fp32 accumulators; ``kernels`` the subset to run). Returns (dq_acc, dk_acc, dv_acc)."""
+    (branch output gradient ``gate * do``, ``delta`` = rowsum(d o_branch * o_branch), each
+    gradient = this branch's term + the optional fp32 accumulator, written to the optional
+    ``*_out``; ``kernels`` the subset to run). dK/dV add atomically into fp32 buffers.
+    Returns (dq, dk, dv), the tensors holding the sums."""
     T, HQ, HKV, DQK, DV, G, GR, dqk_p, dv_p = _dims(q, k, v)
-    f32 = dict(dtype=torch.float32, device=q.device)
-    dq_acc = torch.zeros(T, HQ, DQK, **f32) if dq_acc is None else dq_acc
-    dk_acc = torch.zeros(k.shape[0], HKV, DQK, **f32) if dk_acc is None else dk_acc
-    dv_acc = torch.zeros(v.shape[0], HKV, DV, **f32) if dv_acc is None else dv_acc
-    if T == 0 or k.shape[0] == 0:
-        return dq_acc, dk_acc, dv_acc
+    dqt = GradTarget(dq_acc, dq_out, (T, HQ, DQK), q.device, direct=True)
+    dkt = GradTarget(dk_acc, dk_out, (k.shape[0], HKV, DQK), q.device, direct=False)
+    dvt = GradTarget(dv_acc, dv_out, (v.shape[0], HKV, DV), q.device, direct=False)
     has_gate = gate is not None
     gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if has_gate and gate.stride(0) != HQ * gate.stride(1):
@@ -251,22 +330,25 @@ def selected_attention_bwd(q, k, v, do, lse, delta, block_indices, layout: Varle
     row_seq, row_pos = layout.row_info()
     nsel = block_indices.shape[-1]
     bs_p = max(16, next_pow2(slc_block))
-    cfg = _launch("dq", GR, GR * max(dqk_p, dv_p) > 4096)
-    if "dq" in kernels:
-        _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, dq_acc, block_indices, row_seq,
-                              row_pos, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, G=G,
-                              GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-                              BS_P=bs_p, NSEL=nsel, HAS_GATE=has_gate, **cfg)
+    run = T > 0 and k.shape[0] > 0
+    if run and "dq" in kernels:
+        cfg = _launch("dq", GR, GR * max(dqk_p, dv_p) > 4096)
+        _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, dqt.src, dqt.dst, block_indices,
+                              row_seq, row_pos, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride,
+                              G=G, GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
+                              BS_P=bs_p, NSEL=nsel, HAS_GATE=has_gate, ACCUM=dqt.accum, **cfg)
+    if run and "dkdv" in kernels:
+        g_pad = next_pow2(G)
+        cfg = _launch("dkdv", g_pad, max(dqk_p, dv_p) > 128)
+        block_t = max(1, cfg.pop("ROWS") // g_pad)
+        work, tokens = block_work_list(block_indices, layout, k_cu, slc_block, cfg.pop("SEGMENT"))
+        if work.shape[0]:
+            _slc_bwd_dkdv[(work.shape[0],)](
+                q, k, v, do, lse, delta, gate_arg, dkt.dst, dvt.dst, work, tokens, row_pos, k_cu,
+                scale * LOG2E, scale, HQ, HKV, gate_stride, G=G, G_PAD=g_pad, BLOCK_T=block_t,
+                DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block, BS_P=bs_p,
+                HAS_GATE=has_gate, **cfg)
+    dq = dqt.result(run) if "dq" in kernels else dqt.dst
     if "dkdv" not in kernels:
-        return dq_acc, dk_acc, dv_acc
-    g_pad = next_pow2(G)
-    cfg = _launch("dkdv", g_pad, max(dqk_p, dv_p) > 128)
-    block_t = max(1, cfg.pop("ROWS") // g_pad)
-    work, tokens = block_work_list(block_indices, layout, k_cu, slc_block, cfg.pop("SEGMENT"))
-    if work.shape[0]:
-        _slc_bwd_dkdv[(work.shape[0],)](
-            q, k, v, do, lse, delta, gate_arg, dk_acc, dv_acc, work, tokens, row_pos, k_cu,
-            scale * LOG2E, scale, HQ, HKV, gate_stride, G=G, G_PAD=g_pad, BLOCK_T=block_t,
-            DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block, BS_P=bs_p, HAS_GATE=has_gate,
-            **cfg)
-    return dq_acc, dk_acc, dv_acc
+        return dq, dkt.dst, dvt.dst
+    return dq, dkt.result(), dvt.result()

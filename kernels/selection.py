@@ -3,12 +3,14 @@
 Scores (spec "Selection" 1-3): s[t,g,j] = sum_{h in g} sum_i p[t,h,i] * overlap(i,j) / d.
 Compressed token i starts in block jA = floor(i*d / l') and, since l <= l', reaches at
 most block jA + 1. The score kernel therefore walks selection blocks in chunks of BJ and
-gathers for each block its own R = l'/d compressed tokens; it writes two fp32 partials:
-``A[t,g,j]`` (weights of tokens starting in j) and ``B[t,g,j+1]`` (their spill into j+1),
-each entry written exactly once, so s[j] = A[j] + B[j] (B[0] = 0) with no atomics and
-no read-after-write inside a kernel. The top-n kernel adds them, forces the initial and
-local blocks, and picks the rest by repeated arg-max (ties to the lower j).
-Queries are processed in chunks so A and B stay under ``budget_bytes``.
+gathers for each block its own R = l'/d compressed tokens; per block j it sums their own
+weights a[j] and their spill b[j] into block j + 1, and writes s[j] = a[j] + b[j - 1] once
+(b shifted by one block in registers, the last one carried to the next step; b[-1] = 0), so
+no atomics and no read-after-write inside a kernel. The top-n kernel forces the initial and
+local blocks and picks the rest by repeated arg-max (ties to the lower j).
+Queries are processed in chunks so the fp32 scores stay under ``budget_bytes``. Steps whose
+compressed tokens every row of the tile sees (all but the last one or two of a long tile)
+skip the visibility masks; the per-slot overlap weights are loop constants.
 """
 from __future__ import annotations
 
@@ -19,14 +21,56 @@ import triton.language as tl
 from .dense import LOG2E, interpreting
 from .varlen import new_empty, Varlen, next_pow2
 
+# score kernel launch overrides (ROWS, BJ, num_warps), for tests of the step loops
+TILE_OVERRIDE: dict = {}
+
 
 @triton.jit
-def _block_scores(Q, KC, LSE, SA, SB, TILES, Q_CU, Q_POS0, KC_CU, qk_scale, HQ, HKV, row_base,
+def _score_steps(carry, q, lse2, KC, S, krow0, pos, out_row, tk_ok, w_lo, w_hi, j_a, j_b, nblk,
+                 hi_c, qk_scale, HKV, NB_STRIDE, BLOCK_T: tl.constexpr, G_PAD: tl.constexpr,
+                 DQK: tl.constexpr, DQK_P: tl.constexpr, CSTRIDE: tl.constexpr,
+                 CBLOCK: tl.constexpr, RPB: tl.constexpr, RPB_P: tl.constexpr, BJ: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Scores of blocks [j_a, j_b), BJ per step; ``carry`` [BLOCK_T] is the spill of block
+    j_a - 1, the returned one that of block j_b - 1. Unmasked steps hold only compressed
+    tokens every row sees (rows without a visible token have lse2 = +inf, so p = 0 there)."""
+    dq = tl.arange(0, DQK_P)
+    e = tl.arange(0, BJ * RPB_P)
+    rr = e % RPB_P
+    jb = tl.arange(0, BJ)
+    for j0 in range(j_a, j_b, BJ):
+        i = j0 * RPB + (e // RPB_P) * RPB + rr
+        i_ok = rr < RPB
+        if MASKED:
+            i_ok = i_ok & (i < hi_c)
+        kc = tl.load(KC + (krow0 + i.to(tl.int64) * HKV)[:, None] * DQK + dq[None, :],
+                     mask=i_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+        qk = tl.dot(q, tl.trans(kc)) * qk_scale
+        p = tl.exp2(qk - lse2[:, None])
+        if MASKED:
+            p = tl.where(i_ok[None, :] & (i * CSTRIDE + CBLOCK - 1 <= pos[:, None]), p, 0.0)
+        elif RPB_P > RPB:
+            p = tl.where(i_ok[None, :], p, 0.0)
+        ps = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BJ * RPB_P)), axis=1)
+        a = tl.sum(tl.reshape(ps * w_lo[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
+        b = tl.sum(tl.reshape(ps * w_hi[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
+        b_prev = tl.gather(b, tl.maximum(jb - 1, 0)[None, :] + tl.zeros([BLOCK_T, BJ], tl.int32), 1)
+        s = a + tl.where(jb[None, :] == 0, carry[:, None], b_prev)
+        carry = tl.sum(tl.where(jb[None, :] == BJ - 1, b, 0.0), 1)
+        j = j0 + jb
+        tl.store(S + out_row[:, None] * NB_STRIDE + j[None, :], s,
+                 mask=tk_ok[:, None] & (j[None, :] < nblk))
+    return carry
+
+
+@triton.jit
+def _block_scores(Q, KC, LSE, S, TILES, Q_CU, Q_POS0, KC_CU, qk_scale, HQ, HKV, row_base,
                   NB_STRIDE, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                   DQK: tl.constexpr, DQK_P: tl.constexpr, CSTRIDE: tl.constexpr,
                   CBLOCK: tl.constexpr, SBLOCK: tl.constexpr, RPB: tl.constexpr,
                   RPB_P: tl.constexpr, BJ: tl.constexpr):
-    tile = tl.program_id(0)
+    # longest (last) tiles first, so the short ones fill the tail
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(TILES + 2 * tile)
     t0 = tl.load(TILES + 2 * tile + 1)
@@ -48,43 +92,35 @@ def _block_scores(Q, KC, LSE, SA, SB, TILES, Q_CU, Q_POS0, KC_CU, qk_scale, HQ, 
     lse = tl.load(LSE + qrow, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
+    pos_min = pos0 + t0
     pos_max = pos0 + tl.minimum(t0 + BLOCK_T, q_len) - 1
     nblk = pos_max // SBLOCK + 1
     hi_c = tl.where(pos_max >= CBLOCK - 1, (pos_max - CBLOCK + 1) // CSTRIDE + 1, 0)
     hi_c = tl.minimum(hi_c, kc_len)
+    # blocks whose RPB = l'/d compressed tokens all lie within every row's view
+    lo_c = tl.where(pos_min >= CBLOCK - 1, (pos_min - CBLOCK + 1) // CSTRIDE + 1, 0)
+    j_full = tl.minimum(lo_c, kc_len) // RPB // BJ * BJ
 
-    e = tl.arange(0, BJ * RPB_P)
-    jj = e // RPB_P
-    rr = e % RPB_P
+    # block j holds compressed tokens i = j RPB + rr, starting rr d past the block start: a
+    # weight of min(l, l' - rr d) / d stays in block j and the rest spills into block j + 1
+    rr = tl.arange(0, BJ * RPB_P) % RPB_P
+    w_lo = tl.minimum(CBLOCK, SBLOCK - rr * CSTRIDE).to(tl.float32) / CSTRIDE
+    w_hi = tl.maximum(CBLOCK - SBLOCK + rr * CSTRIDE, 0).to(tl.float32) / CSTRIDE
     tk = t0 + tl.arange(0, BLOCK_T)
     out_row = (q_beg + tk - row_base).to(tl.int64) * HKV + g
     tk_ok = tk < q_len
-    jb = tl.arange(0, BJ)
-    for j0 in range(0, nblk, BJ):
-        i = (j0 + jj) * RPB + rr
-        i_ok = (rr < RPB) & (i < hi_c)
-        krow = (kc_beg + i).to(tl.int64) * HKV + g
-        kc = tl.load(KC + krow[:, None] * DQK + dq[None, :],
-                     mask=i_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-        qk = tl.dot(q, tl.trans(kc)) * qk_scale
-        vis = row_ok[:, None] & i_ok[None, :] & (i * CSTRIDE + CBLOCK - 1 <= pos[:, None])
-        p = tl.where(vis, tl.exp2(qk - lse2[:, None]), 0.0)
-        ps = tl.sum(tl.reshape(p, (BLOCK_T, G_PAD, BJ * RPB_P)), axis=1)
-        start = i * CSTRIDE
-        blk_end = (j0 + jj + 1) * SBLOCK
-        w_lo = (tl.minimum(start + CBLOCK, blk_end) - start).to(tl.float32) / CSTRIDE
-        w_hi = tl.maximum(start + CBLOCK - blk_end, 0).to(tl.float32) / CSTRIDE
-        a = tl.sum(tl.reshape(ps * w_lo[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
-        b = tl.sum(tl.reshape(ps * w_hi[None, :], (BLOCK_T, BJ, RPB_P)), axis=2)
-        j = j0 + jb
-        tl.store(SA + out_row[:, None] * NB_STRIDE + j[None, :], a,
-                 mask=tk_ok[:, None] & (j[None, :] < nblk))
-        tl.store(SB + out_row[:, None] * NB_STRIDE + j[None, :] + 1, b,
-                 mask=tk_ok[:, None] & (j[None, :] + 1 < nblk))
+    krow0 = kc_beg.to(tl.int64) * HKV + g
+    carry = tl.zeros([BLOCK_T], tl.float32)
+    carry = _score_steps(carry, q, lse2, KC, S, krow0, pos, out_row, tk_ok, w_lo, w_hi, 0,
+                         j_full, nblk, hi_c, qk_scale, HKV, NB_STRIDE, BLOCK_T, G_PAD, DQK, DQK_P,
+                         CSTRIDE, CBLOCK, RPB, RPB_P, BJ, False)
+    _score_steps(carry, q, lse2, KC, S, krow0, pos, out_row, tk_ok, w_lo, w_hi, j_full, nblk,
+                 nblk, hi_c, qk_scale, HKV, NB_STRIDE, BLOCK_T, G_PAD, DQK, DQK_P, CSTRIDE, CBLOCK,
+                 RPB, RPB_P, BJ, True)
 
 
 @triton.jit
-def _top_blocks(SA, SB, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
+def _top_blocks(S, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
                 SBLOCK: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr,
                 INIT: tl.constexpr, LOCAL: tl.constexpr, ROWS: tl.constexpr,
                 NB_P: tl.constexpr):
@@ -96,10 +132,9 @@ def _top_blocks(SA, SB, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
     j = tl.arange(0, NB_P)
     vis = r_ok[:, None] & (j[None, :] <= cur[:, None])
     base = (rows.to(tl.int64) * HKV + g) * NB_STRIDE
-    a = tl.load(SA + base[:, None] + j[None, :], mask=vis, other=0.0)
-    b = tl.load(SB + base[:, None] + j[None, :], mask=vis & (j[None, :] > 0), other=0.0)
+    s = tl.load(S + base[:, None] + j[None, :], mask=vis, other=0.0)
     forced = vis & ((j[None, :] < INIT) | (j[None, :] > cur[:, None] - LOCAL))
-    key = tl.where(forced, float("inf"), tl.where(vis, a + b, -1.0))
+    key = tl.where(forced, float("inf"), tl.where(vis, s, -1.0))
     sel = key < -10.0
     for _ in range(NSEL):
         best, arg = tl.max(key, 1, return_indices=True, return_indices_tie_break_left=True)
@@ -117,34 +152,38 @@ def _top_blocks(SA, SB, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
 
 
 def _score_config(g_pad: int, rpb_p: int):
-    rows = max(128 if interpreting() else 64, g_pad)
+    """Score kernel launch: BLOCK_T tokens x G_PAD heads per tile, BJ blocks (BJ x RPB_P
+    compressed tokens) per step; ``TILE_OVERRIDE`` keys ROWS, BJ, num_warps replace them."""
+    o = TILE_OVERRIDE
+    rows = max(o.get("ROWS", 128 if interpreting() else 64), g_pad)
     bj = max(1, (128 if interpreting() else 64) // rpb_p)
-    bj = max(bj, next_pow2(-(-16 // rpb_p)))
+    bj = max(o.get("BJ", bj), next_pow2(-(-16 // rpb_p)))
     return dict(BLOCK_T=max(1, rows // g_pad), BJ=bj,
-                num_warps=4 if interpreting() else (8 if rows >= 128 else 4))
+                num_warps=o.get("num_warps", 4 if interpreting() else (8 if rows >= 128 else 4)))
 
 
-def _chunks(tiles: list, q_cu: list, block_t: int, lens: list, max_rows: int):
-    """Split the tile list into runs whose query rows span at most ``max_rows``.
+def _chunks(layout: Varlen, block_t: int, max_rows: int):
+    """Split the layout's tiles of ``block_t`` rows into runs by first row // ``max_rows``
+    (a run spans < max_rows + block_t rows), planned on the host.
 
-    Yields (first_tile, end_tile, row_begin, row_end) in global query rows."""
-    first, row_a, row_b = 0, None, None
-    for n, (seq, t0) in enumerate(tiles):
-        a = q_cu[seq] + t0
-        b = q_cu[seq] + min(t0 + block_t, lens[seq])
-        if row_a is None:
-            row_a = a
-        elif b - row_a > max_rows:
-            yield first, n, row_a, row_b
-            first, row_a = n, a
-        row_b = b
-    if row_a is not None:
-        yield first, len(tiles), row_a, row_b
+    Returns a list of (first_tile, end_tile, row_begin, row_end) in global query rows."""
+    tiles = layout.tiles_host(block_t).long()
+    if tiles.shape[0] == 0:
+        return []
+    lens = torch.tensor(layout.lens, dtype=torch.int64)
+    q_beg = torch.cumsum(lens, 0) - lens
+    seq, t0 = tiles[:, 0], tiles[:, 1]
+    row_a = q_beg[seq] + t0
+    row_b = q_beg[seq] + torch.minimum(t0 + block_t, lens[seq])
+    _, counts = torch.unique_consecutive(row_a // max_rows, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    firsts = ends - counts
+    return [(f, e, int(row_a[f]), int(row_b[e - 1])) for f, e in zip(firsts.tolist(), ends.tolist())]
 
 
 def _scores_chunks(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block, cmp_stride,
                    slc_block, scale, budget_bytes):
-    """Run the score kernel chunk by chunk; yields (row_a, row_b, A, B, nb_stride)."""
+    """Run the score kernel chunk by chunk; yields (row_a, row_b, scores, nb_stride)."""
     T, HQ, DQK = q.shape
     HKV = k_cmp.shape[1]
     G = HQ // HKV
@@ -153,18 +192,15 @@ def _scores_chunks(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block, cmp_s
     rpb_p = next_pow2(rpb)
     cfg = _score_config(g_pad, rpb_p)
     nb_stride = max(1, -(-layout.max_end // slc_block))
-    max_rows = max(cfg["BLOCK_T"], budget_bytes // (2 * 4 * HKV * nb_stride))
+    max_rows = max(cfg["BLOCK_T"], budget_bytes // (4 * HKV * nb_stride))
     tiles_t = layout.tiles(cfg["BLOCK_T"])
-    tiles = tiles_t.tolist()
-    q_cu = layout.q_cu.tolist()
-    for first, end, row_a, row_b in _chunks(tiles, q_cu, cfg["BLOCK_T"], layout.lens, max_rows):
-        sa = new_empty(row_b - row_a, HKV, nb_stride, dtype=torch.float32, device=q.device)
-        sb = new_empty(*sa.shape, dtype=sa.dtype, device=sa.device)
+    for first, end, row_a, row_b in _chunks(layout, cfg["BLOCK_T"], max_rows):
+        scores = new_empty(row_b - row_a, HKV, nb_stride, dtype=torch.float32, device=q.device)
         _block_scores[(end - first, HKV)](
-            q, k_cmp, lse_cmp, sa, sb, tiles_t[first:end], layout.q_cu, layout.q_pos0, kc_cu,
+            q, k_cmp, lse_cmp, scores, tiles_t[first:end], layout.q_cu, layout.q_pos0, kc_cu,
             scale * LOG2E, HQ, HKV, row_a, nb_stride, G=G, G_PAD=g_pad, DQK=DQK, DQK_P=dqk_p,
             CSTRIDE=cmp_stride, CBLOCK=cmp_block, SBLOCK=slc_block, RPB=rpb, RPB_P=rpb_p, **cfg)
-        yield row_a, row_b, sa, sb, nb_stride
+        yield row_a, row_b, scores, nb_stride
 
 
 def select_blocks_triton(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block: int,
@@ -184,12 +220,12 @@ def select_blocks_triton(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block:
         return out
     _, row_pos = layout.row_info()
     rows_per_prog = 4 if interpreting() else 2
-    for row_a, row_b, sa, sb, nb_stride in _scores_chunks(
+    for row_a, row_b, scores, nb_stride in _scores_chunks(
             q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=cmp_block, cmp_stride=cmp_stride,
             slc_block=slc_block, scale=scale, budget_bytes=budget_bytes):
         n_rows = row_b - row_a
         _top_blocks[(triton.cdiv(n_rows, rows_per_prog), HKV)](
-            sa, sb, out, row_pos, n_rows, HKV, row_a, nb_stride, SBLOCK=slc_block, NSEL=topk,
+            scores, out, row_pos, n_rows, HKV, row_a, nb_stride, SBLOCK=slc_block, NSEL=topk,
             NSEL_P=next_pow2(topk), INIT=init_blocks, LOCAL=local_blocks, ROWS=rows_per_prog,
             NB_P=next_pow2(nb_stride), num_warps=4)
     return out
@@ -204,10 +240,9 @@ def block_scores_triton(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block: 
     nb = max(1, -(-layout.max_end // slc_block))
     out = torch.zeros(T, HKV, nb, dtype=torch.float32, device=q.device)
     j = torch.arange(nb, device=q.device)
-    for row_a, row_b, sa, sb, _ in _scores_chunks(
+    for row_a, row_b, scores, _ in _scores_chunks(
             q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=cmp_block, cmp_stride=cmp_stride,
             slc_block=slc_block, scale=scale, budget_bytes=256 << 20):
         vis = (j[None, :] <= (row_pos[row_a:row_b, None].long() // slc_block))[:, None, :]
-        sb = torch.cat([torch.zeros_like(sb[..., :1]), sb[..., 1:]], dim=-1)
-        out[row_a:row_b] = torch.where(vis, sa + torch.where(vis, sb, 0.0), 0.0)
+        out[row_a:row_b] = torch.where(vis, scores, 0.0)
     return out

@@ -37,20 +37,27 @@ class Varlen:
 
     @classmethod
     def build(cls, q_cu: torch.Tensor, q_pos0: torch.Tensor | None = None) -> "Varlen":
-        """Layout from query boundaries ``q_cu`` (int32 [N+1]) and optional first positions."""
+        """Layout from query boundaries ``q_cu`` (int32 [N+1]) and optional first positions.
+
+        Reads ``q_cu`` (and ``q_pos0`` when given) to the host once; nothing after that waits
+        for the device."""
         if q_cu.dim() != 1 or q_cu.numel() < 2:
             raise ValueError("q_cu must be a 1-D tensor with at least two entries")
-        cu = q_cu.detach().to("cpu", torch.int64)
-        lens = (cu[1:] - cu[:-1]).tolist()
+        bounds = q_cu.detach().tolist()
+        lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         if any(n < 0 for n in lens):
             raise ValueError("q_cu must be non-decreasing")
         if q_pos0 is None:
+            pos0 = [0] * len(lens)
             q_pos0 = torch.zeros(len(lens), dtype=torch.int32, device=q_cu.device)
-        pos0 = q_pos0.detach().to("cpu", torch.int64).tolist()
+        else:
+            pos0 = q_pos0.detach().tolist()
         if len(pos0) != len(lens) or any(p < 0 for p in pos0):
             raise ValueError("q_pos0 must hold one non-negative position per sequence")
-        return cls(q_cu.to(torch.int32).contiguous(), q_pos0.to(q_cu.device, torch.int32).contiguous(),
-                   lens, pos0)
+        layout = cls(q_cu.to(torch.int32).contiguous(),
+                     q_pos0.to(q_cu.device, torch.int32).contiguous(), lens, pos0)
+        layout.register_keys(layout.q_cu, bounds)
+        return layout
 
     @property
     def device(self) -> torch.device:
@@ -65,25 +72,60 @@ class Varlen:
         """Largest query position + 1 over all sequences (0 when there are no queries)."""
         return max((p + n for p, n in zip(self.pos0, self.lens) if n > 0), default=0)
 
-    def tiles(self, block: int) -> torch.Tensor:
-        """int32 [num_tiles, 2]: (sequence, first row within the sequence) of each tile of
+    def tiles_host(self, block: int) -> torch.Tensor:
+        """int32 CPU [num_tiles, 2]: (sequence, first row within the sequence) of each tile of
         ``block`` consecutive query rows; tiles never cross a sequence boundary."""
+        key = ("tiles_host", block)
+        if key not in self._cache:
+            lens = torch.tensor(self.lens, dtype=torch.int64)
+            per_seq = (lens + block - 1) // block
+            seq = torch.repeat_interleave(torch.arange(len(self.lens)), per_seq)
+            first = torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq, per_seq)
+            t0 = (torch.arange(seq.numel()) - first) * block
+            self._cache[key] = torch.stack([seq, t0], 1).to(torch.int32)
+        return self._cache[key]
+
+    def tiles(self, block: int) -> torch.Tensor:
+        """:meth:`tiles_host` on the layout's device (int32 [num_tiles, 2])."""
         key = ("tiles", block)
         if key not in self._cache:
-            rows = [(b, s) for b, n in enumerate(self.lens) for s in range(0, n, block)]
-            t = torch.tensor(rows if rows else [[0, 0]], dtype=torch.int32).reshape(-1, 2)
-            self._cache[key] = t[: len(rows)].to(self.device)
+            self._cache[key] = to_device(self.tiles_host(block), self.device)
         return self._cache[key]
 
     def row_info(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq, pos): int32 [rows] sequence index and position of every query row."""
         if "rows" not in self._cache:
             counts = torch.tensor(self.lens, dtype=torch.int64)
-            seq = torch.repeat_interleave(torch.arange(len(self.lens)), counts)
-            first = torch.cumsum(counts, 0) - counts
-            pos = torch.arange(int(counts.sum())) - first[seq] + torch.tensor(self.pos0)[seq]
-            self._cache["rows"] = (seq.to(self.device, torch.int32), pos.to(self.device, torch.int32))
+            shift = torch.tensor(self.pos0, dtype=torch.int64) - (torch.cumsum(counts, 0) - counts)
+            counts, shift = to_device(counts, self.device), to_device(shift, self.device)
+            rows = self.num_rows
+            seq = torch.repeat_interleave(torch.arange(len(self.lens), device=self.device), counts,
+                                          output_size=rows)
+            pos = torch.arange(rows, device=self.device) + torch.repeat_interleave(
+                shift, counts, output_size=rows)
+            self._cache["rows"] = (seq.to(torch.int32), pos.to(torch.int32))
         return self._cache["rows"]
+
+    def register_keys(self, k_cu: torch.Tensor, bounds: list) -> None:
+        """Record the host copy ``bounds`` of a key-boundary tensor ``k_cu`` [N+1] used with
+        this layout, so launchers that plan work per key tile never read it back."""
+        self._cache[("k_cu", id(k_cu))] = (k_cu, [int(b) for b in bounds])
+
+    def key_bounds(self, k_cu: torch.Tensor) -> list:
+        """Host list of ``k_cu`` (registered, else read back once and remembered)."""
+        entry = self._cache.get(("k_cu", id(k_cu)))
+        if entry is None or entry[0] is not k_cu:
+            self.register_keys(k_cu, k_cu.tolist())
+            entry = self._cache[("k_cu", id(k_cu))]
+        return entry[1]
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """CPU tensor ``t`` on ``device``; to a GPU through pinned memory without a host sync."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _POISON = {"on": False}

@@ -4,6 +4,10 @@ Every compressor keeps one weight set per KV head, with the KV-head dimension fi
 parameter, so tensor parallelism shards them by slicing the local KV heads. Keys are
 compressed before RoPE; the caller rotates compressed keys at
 ``nsa_kernels.layout.compressed_positions``.
+
+The learned compressors gather their blocks head-major ([HKV, Tc, l*D], the per-head GEMM
+operand): on a GPU through ``nsa_kernels.blocks`` (one pass each way, deterministic fp32
+backward), elsewhere with torch indexing. Either way the pack's lengths are read back once.
 """
 from __future__ import annotations
 
@@ -14,12 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nsa_kernels.layout import num_compressed, seqlens_from_cu
+from nsa_kernels.layout import num_compressed
+from nsa_kernels.varlen import to_device
 
 __all__ = ["build_compressor", "MLPCompressor", "LinearCompressor", "MeanCompressor",
            "compression_block_index", "COMPRESSOR_KINDS"]
 
 COMPRESSOR_KINDS = ("mlp", "mean", "linear")
+# gather blocks with the Triton kernels: None = on CUDA tensors; tests force True / False
+USE_KERNELS: Optional[bool] = None
+
+
+def _block_index(bounds: list, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """int64 CPU [Tc, l]: packed token of every slot of every block, from host boundaries."""
+    starts = [offset + torch.arange(num_compressed(end - offset, cmp_block, cmp_stride),
+                                    dtype=torch.int64) * cmp_stride
+              for offset, end in zip(bounds[:-1], bounds[1:])]
+    start = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.int64)
+    return start[:, None] + torch.arange(cmp_block, dtype=torch.int64)[None, :]
 
 
 def compression_block_index(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
@@ -31,22 +47,35 @@ def compression_block_index(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride
         int64 [Tc, l] on cu_seqlens' device: row c lists the packed positions of the l tokens
         compressed token c summarises (tokens [i*d, i*d + l) of its sequence).
     """
-    starts = []
-    for offset, seq_len in zip(cu_seqlens.tolist()[:-1], seqlens_from_cu(cu_seqlens)):
-        count = num_compressed(seq_len, cmp_block, cmp_stride)
-        starts.append(offset + torch.arange(count, dtype=torch.int64) * cmp_stride)
-    start = torch.cat(starts) if starts else torch.zeros(0, dtype=torch.int64)
-    return (start[:, None] + torch.arange(cmp_block, dtype=torch.int64)[None, :]).to(cu_seqlens.device)
+    return _block_index(cu_seqlens.tolist(), cmp_block, cmp_stride).to(cu_seqlens.device)
 
 
-def _gather_blocks(x: torch.Tensor, cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+def _pack_bounds(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> list:
+    """Host pack boundaries of ``x`` [T, HKV, D] (the one read-back of a compressor call)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [T, HKV, D], got shape {tuple(x.shape)}")
-    if cu_seqlens is None:
-        cu_seqlens = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
-    if int(cu_seqlens[-1]) != x.shape[0]:
-        raise ValueError(f"cu_seqlens must end at T={x.shape[0]}, got {int(cu_seqlens[-1])}")
-    return x[compression_block_index(cu_seqlens, cmp_block, cmp_stride)]  # [Tc, l, HKV, D]
+    bounds = [0, x.shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
+    if bounds[-1] != x.shape[0]:
+        raise ValueError(f"cu_seqlens must end at T={x.shape[0]}, got {bounds[-1]}")
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    return bounds
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda if USE_KERNELS is None else USE_KERNELS
+
+
+def _flat_blocks(x: torch.Tensor, bounds: list, pos: torch.Tensor, cmp_block: int,
+                 cmp_stride: int) -> torch.Tensor:
+    """Blocks + position embedding ``pos`` [HKV, l, D], head-major: [HKV, Tc, l*D] in x's dtype."""
+    pos = pos.to(x.dtype)
+    if _use_kernels(x):
+        from nsa_kernels.blocks import BlockPlan, gather_blocks
+
+        return gather_blocks(x.contiguous(), pos, BlockPlan.build(bounds, cmp_block, cmp_stride, x.device))
+    blocks = x[to_device(_block_index(bounds, cmp_block, cmp_stride), x.device)] + pos.transpose(0, 1)
+    return blocks.permute(2, 0, 1, 3).flatten(2)  # [Tc, l, HKV, D] -> [HKV, Tc, l*D]
 
 
 def _mark_kv_sharded(module: nn.Module) -> None:
@@ -66,10 +95,15 @@ class _PerHeadCompressor(nn.Module):
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.cmp_block, self.cmp_stride = cmp_block, cmp_stride
 
-    def _blocks(self, x, cu_seqlens):
+    def _bounds(self, x, cu_seqlens) -> list:
+        bounds = _pack_bounds(x, cu_seqlens)
         if x.shape[1] != self.num_kv_heads or x.shape[2] != self.head_dim:
             raise ValueError(f"x must be [T, {self.num_kv_heads}, {self.head_dim}], got {tuple(x.shape)}")
-        return _gather_blocks(x, cu_seqlens, self.cmp_block, self.cmp_stride)
+        return bounds
+
+    def _flat_blocks(self, x, cu_seqlens, pos):
+        """[HKV, Tc, l*D]: every block of ``x`` plus ``pos`` [HKV, l, D], head-major."""
+        return _flat_blocks(x, self._bounds(x, cu_seqlens), pos, self.cmp_block, self.cmp_stride)
 
 
 class MeanCompressor(_PerHeadCompressor):
@@ -77,7 +111,8 @@ class MeanCompressor(_PerHeadCompressor):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, HKV, D] -> [Tc, HKV, D]."""
-        return self._blocks(x, cu_seqlens).mean(dim=1)
+        idx = _block_index(self._bounds(x, cu_seqlens), self.cmp_block, self.cmp_stride)
+        return x[idx.to(x.device)].mean(dim=1)
 
 
 class LinearCompressor(_PerHeadCompressor):
@@ -94,9 +129,9 @@ class LinearCompressor(_PerHeadCompressor):
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, HKV, D] -> [Tc, HKV, D]."""
-        blocks = self._blocks(x, cu_seqlens) + self.pos_emb.transpose(0, 1).to(x.dtype)
-        flat = blocks.permute(0, 2, 1, 3).flatten(2)  # [Tc, HKV, l*D]
-        return torch.einsum("chi,hio->cho", flat, self.weight.to(x.dtype)) + self.bias.to(x.dtype)
+        flat = self._flat_blocks(x, cu_seqlens, self.pos_emb)  # [HKV, Tc, l*D]
+        out = torch.bmm(flat, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[:, None]
+        return out.transpose(0, 1)
 
 
 class MLPCompressor(_PerHeadCompressor):
@@ -127,11 +162,10 @@ class MLPCompressor(_PerHeadCompressor):
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, HKV, D] -> [Tc, HKV, D]."""
         dtype = x.dtype
-        blocks = self._blocks(x, cu_seqlens) + self.pos_emb.transpose(0, 1).to(dtype)
-        flat = blocks.permute(0, 2, 1, 3).flatten(2)  # [Tc, HKV, l*D]
-        hidden = torch.einsum("chi,hio->cho", flat, self.fc1_weight.to(dtype)) + self.fc1_bias.to(dtype)
-        hidden = F.gelu(hidden)
-        return torch.einsum("chi,hio->cho", hidden, self.fc2_weight.to(dtype)) + self.fc2_bias.to(dtype)
+        flat = self._flat_blocks(x, cu_seqlens, self.pos_emb)  # [HKV, Tc, l*D]
+        hidden = F.gelu(torch.bmm(flat, self.fc1_weight.to(dtype)) + self.fc1_bias.to(dtype)[:, None])
+        out = torch.bmm(hidden, self.fc2_weight.to(dtype)) + self.fc2_bias.to(dtype)[:, None]
+        return out.transpose(0, 1)
 
 
 def build_compressor(kind: str, num_kv_heads: int, head_dim: int, cmp_block: int, cmp_stride: int, *,

@@ -91,3 +91,45 @@ def test_interpreter_bf16_dot_fix():
     o32, _ = dense_attention_fwd(q, k, v, lay, cu, **kw)
     o16, _ = dense_attention_fwd(*(x.bfloat16() for x in (q, k, v)), lay, cu, **kw)
     assert rel_err(o16, o32) <= 1e-2
+
+
+def test_scores_with_small_tiles_run_unmasked_steps(monkeypatch):
+    """Score tiles of 8 tokens and 4 blocks per step on long query chunks, so most steps take
+    the unmasked path: scores and selections still match the float64 reference."""
+    import nsa_kernels.selection as selection
+
+    monkeypatch.setattr(selection, "TILE_OVERRIDE", dict(ROWS=16, BJ=4))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(7)
+    L, hq, hkv, dqk = 230, 4, 2, 16
+    starts, ends = [0, 101], [101, 230]
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q = rnd(L, hq, dqk)
+    lc = (L - HP["cmp_block"]) // HP["cmp_stride"] + 1
+    kc, vc = rnd(lc, hkv, dqk), rnd(lc, hkv, dqk)
+    scale = dqk ** -0.5
+    # two query chunks [0, 101) and [101, 230) of one sequence, keys = their prefixes
+    q_cu = torch.tensor([0, 101, 230], dtype=torch.int32, device=dev)
+    layout = Varlen.build(q_cu, torch.tensor(starts, dtype=torch.int32, device=dev))
+    ncmp = [max(0, (b - HP["cmp_block"]) // HP["cmp_stride"] + 1) for b in ends]
+    kc_pre = torch.cat([kc[:n] for n in ncmp])
+    vc_pre = torch.cat([vc[:n] for n in ncmp])
+    kc_cu = torch.tensor([0] + list(torch.tensor(ncmp).cumsum(0)), dtype=torch.int32).to(dev)
+    f = lambda x: x.float().contiguous().to(dev)  # noqa: E731
+    pos = torch.arange(L)
+    _, ref_lc = R.compressed_attention(q, kc, vc, pos, cmp_block=HP["cmp_block"],
+                                       cmp_stride=HP["cmp_stride"], scale=scale)
+    nb = -(-L // HP["slc_block"])
+    ref_s = R.selection_scores(q, kc, pos, ref_lc, cmp_block=HP["cmp_block"], cmp_stride=HP["cmp_stride"],
+                               slc_block=HP["slc_block"], scale=scale, num_blocks=nb)
+    ref_b = R.select_blocks(ref_s, pos, slc_block=HP["slc_block"], topk=HP["topk"],
+                            init_blocks=HP["init_blocks"], local_blocks=HP["local_blocks"])
+    sel_kw = {n: HP[n] for n in ("cmp_block", "cmp_stride", "slc_block")}
+    lse = f(ref_lc)
+    with poisoned_outputs():
+        scores = block_scores_triton(f(q), f(kc_pre), lse, layout, kc_cu, scale=scale, **sel_kw)
+        blocks = select_blocks_triton(f(q), f(kc_pre), lse, layout, kc_cu, scale=scale,
+                                      topk=HP["topk"], init_blocks=HP["init_blocks"],
+                                      local_blocks=HP["local_blocks"], **sel_kw)
+    assert (scores.double().cpu() - ref_s).abs().max() <= 1e-5 * ref_s.abs().max()
+    assert torch.equal(blocks.cpu(), ref_b)

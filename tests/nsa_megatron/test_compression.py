@@ -69,3 +69,38 @@ def test_bad_compressor_arguments():
     comp = build_compressor("mean", 2, 4, 8, 4)
     with pytest.raises(ValueError, match="x must be"):
         comp(torch.randn(10, 3, 4), torch.tensor([0, 10], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+@pytest.mark.parametrize("dtype,block,stride", [(torch.float64, 8, 4), (torch.float32, 8, 2),
+                                                (torch.bfloat16, 8, 4)])
+def test_block_kernels_match_the_torch_path(monkeypatch, kind, dtype, block, stride):
+    """The Triton block gather (GPU default; here the interpreter) against torch indexing:
+    same output, same gradients (the kernel sums a token's block slots in fp32 / fp64)."""
+    import nsa_megatron.compression as compression
+    from nsa_kernels.interpreter import enable_interpreter_bf16_dot
+
+    if not torch.cuda.is_available():
+        assert enable_interpreter_bf16_dot()  # bf16 stores round to nearest even, as on a GPU
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    comp = build_compressor(kind, 2, 6, block, stride, params_dtype=torch.float64).to(dev, dtype)
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cu = torch.tensor([0, 7, 29, 30, 70], dtype=torch.int32, device=dev)
+    x = torch.randn(70, 2, 6, dtype=torch.float64, device=dev).to(dtype)
+    dout = torch.randn(compressed_cu_seqlens(cu, block, stride)[-1].item(), 2, 6, device=dev).to(dtype)
+    results = []
+    for use_kernels in (False, True):
+        monkeypatch.setattr(compression, "USE_KERNELS", use_kernels)
+        xi = x.clone().requires_grad_()
+        comp.zero_grad()
+        out = comp(xi, cu)
+        out.backward(dout)
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in comp.parameters()])
+    assert torch.equal(results[0][0], results[1][0])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for a, b in zip(results[0][1:], results[1][1:]):
+        assert (a.double() - b.double()).abs().max() <= tol * a.double().abs().max()
+    assert results[1][1][:7].abs().sum() == 0  # no whole block in the 7-token sequence
