@@ -55,7 +55,11 @@ def training_step(seq: int, hq: int, hkv: int, dqk: int, dv: int):
     kcomp, vcomp = make_compressors(hkv, dqk, dv, dt)
     do = torch.randn(seq, hq, dv, device="cuda", dtype=dt, generator=g)
 
+    params = [q, k, v, gates, *kcomp.parameters(), *vcomp.parameters()]
+
     def step():
+        for p in params:  # as tools/bench_kernels.py: no gradient accumulation adds in the profile
+            p.grad = None
         o = nsa_attention_triton(q, k, v, kcomp(k, cu), vcomp(v, cu), gates, cu, scale=dqk ** -0.5, **HP)
         o.backward(do)
 
