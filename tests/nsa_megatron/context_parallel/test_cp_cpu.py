@@ -22,6 +22,9 @@ CASES = [
     ("allgather", 4, [264, 120, 24], True, "mlp"),
     ("ring", 4, [256, 128], False, "linear"),
     ("ring", 2, [128, 64, 192], True, "mlp"),
+    # eight ranks (issue 10's CP=8 layout, correctness on CPU): chunks of 16 tokens = one l'
+    ("ring", 8, [512], False, "mlp"),
+    ("allgather", 8, [528, 48], True, "linear"),
 ]
 
 
