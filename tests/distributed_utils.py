@@ -112,7 +112,11 @@ def init_megatron(
     """Initialise Megatron's parallel state (CPU-compatible) inside a gloo world.
 
     Applies ``nsa_megatron.compat.apply_cpu_compat()`` when CUDA is absent, then
-    ``initialize_model_parallel`` and ``model_parallel_cuda_manual_seed(seed)``.
+    ``initialize_model_parallel``, ``torch.manual_seed(seed)`` and
+    ``model_parallel_cuda_manual_seed(seed)``. Seeding the default generator makes model
+    initialisation the same in every launch: otherwise each pytest run draws new weights,
+    and a draw with a near-tie between two selection blocks flips under CP's different
+    summation order (the loss agrees to 1e-5, gradients then differ by ~1e-3).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -127,6 +131,7 @@ def init_megatron(
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
     )
+    torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -2,7 +2,7 @@
 
 A tiny NSA GPT (hidden 64, 2 layers, seq 256, l=16, d=8, l'=32, n=4, w=64; see
 ``gpt_harness.TINY``) takes one training step through Megatron's DDP + schedule with
-``context_parallel_size`` 2 or 4 (both ``nsa_cp_mode``s), combined with TP=2, DP=2, PP=2,
+``context_parallel_size`` 2, 4 or 8 (both ``nsa_cp_mode``s), combined with TP=2, DP=2, PP=2,
 selective and full recompute, and THD packed batches. Each CP rank gets its micro batch from
 Megatron's ``get_batch_on_this_cp_rank`` (zig-zag), RoPE comes from Megatron's per-rank
 tables (needs ``apply_cpu_compat``'s CP RoPE patch on CPU). Loss and the gradient of every
@@ -34,6 +34,9 @@ CASES = {
                                    recompute_method="uniform", recompute_num_layers=1)),
     "cp2_ring_full": (2, dict(context_parallel_size=2, recompute_granularity="full", recompute_method="uniform",
                               recompute_num_layers=1)),
+    # issue 10's layouts at eight ranks
+    "tp2_cp4_ring": (8, dict(context_parallel_size=4, tensor_model_parallel_size=2)),
+    "cp8_allgather": (8, dict(context_parallel_size=8, nsa_cp_mode="allgather")),
 }
 
 PACKED_CASES = {
