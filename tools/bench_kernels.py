@@ -67,7 +67,11 @@ def make_compressors(hkv, dqk, dv, dtype):
     return kc, vc
 
 
-def bench_nsa(T, hq, hkv, dqk, dv, reps):
+def make_inputs(T, hq, hkv, dqk, dv):
+    """Seeded bf16 leaves of one B=1 sequence of T tokens on the GPU and its compressors.
+
+    Returns (q [T, hq, dqk], k [T, hkv, dqk], v [T, hkv, dv], gates [T, hq, 3], cu int32 [2],
+    k compressor, v compressor, the generator that drew them)."""
     dtype = torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(T)
     q = torch.randn(T, hq, dqk, device="cuda", dtype=dtype, generator=g).requires_grad_()
@@ -76,6 +80,11 @@ def bench_nsa(T, hq, hkv, dqk, dv, reps):
     gates = torch.rand(T, hq, 3, device="cuda", dtype=dtype, generator=g).requires_grad_()
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     kcomp, vcomp = make_compressors(hkv, dqk, dv, dtype)
+    return q, k, v, gates, cu, kcomp, vcomp, g
+
+
+def bench_nsa(T, hq, hkv, dqk, dv, reps):
+    q, k, v, gates, cu, kcomp, vcomp, _ = make_inputs(T, hq, hkv, dqk, dv)
     scale = dqk ** -0.5
 
     def fwd():

@@ -3,20 +3,7 @@
 # benchmark; logs and results go to $OUT (and benchmarks/), a short table prints last.
 #   bash tools/gpu_session.sh [bench args...]      (env: SKIP_TESTS=1, SKIP_BENCH=1, PYTEST_K=expr)
 set -o pipefail
-OUT=${OUT:-/tmp/nsa_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-PKGS=/tmp/nsa_pkgs
-export PYTHONPATH=$PKGS:$PWD${PYTHONPATH:+:$PYTHONPATH}
-mkdir -p $PKGS
-for pair in nsa_kernels:kernels nsa_megatron:nsa_megatron nsa_tools:tools; do
-    ln -sfn "$PWD/${pair#*:}" "$PKGS/${pair%%:*}"
-done
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+source tools/device_env.sh
 status=0
 if [ -z "$SKIP_TESTS" ]; then
     timeout ${TEST_TIMEOUT:-250} python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/kernels/test_triton_gpu.py \

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from nsa_tools.bench_kernels import HP, commit, make_compressors
+from nsa_tools.bench_kernels import HP, commit, make_inputs
 
 
 def kernel_table(step, reps: int) -> list[dict]:
@@ -45,16 +45,8 @@ def training_step(seq: int, hq: int, hkv: int, dqk: int, dv: int):
     """q,k,v,gates -> o -> backward, the step tools/bench_kernels.py times (compression included)."""
     from nsa_kernels.function import nsa_attention_triton
 
-    dt = torch.bfloat16
-    g = torch.Generator(device="cuda").manual_seed(seq)
-    q = torch.randn(seq, hq, dqk, device="cuda", dtype=dt, generator=g).requires_grad_()
-    k = torch.randn(seq, hkv, dqk, device="cuda", dtype=dt, generator=g).requires_grad_()
-    v = torch.randn(seq, hkv, dv, device="cuda", dtype=dt, generator=g).requires_grad_()
-    gates = torch.rand(seq, hq, 3, device="cuda", dtype=dt, generator=g).requires_grad_()
-    cu = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
-    kcomp, vcomp = make_compressors(hkv, dqk, dv, dt)
-    do = torch.randn(seq, hq, dv, device="cuda", dtype=dt, generator=g)
-
+    q, k, v, gates, cu, kcomp, vcomp, g = make_inputs(seq, hq, hkv, dqk, dv)
+    do = torch.randn(seq, hq, dv, device="cuda", dtype=q.dtype, generator=g)
     params = [q, k, v, gates, *kcomp.parameters(), *vcomp.parameters()]
 
     def step():
