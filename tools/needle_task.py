@@ -70,6 +70,7 @@ class _Markers:
         self.space = enc(" ")
         self.enc = enc
         self.special = {t for ids in (self.open, self.close, self.query) for t in ids}
+        self.control = {t for c in CONTROL for t in enc(c)}
 
 
 def query_marker_id(tokenizer) -> int:
@@ -141,7 +142,7 @@ def make_sample(rng: np.random.Generator, filler: np.ndarray, spec: NeedleSpec, 
     ctx = np.array(filler[start:start + context], dtype=np.int64)
     scrub = {*m.special, tokenizer.eod}  # the corpus's document ends too: one document per sample
     if spec.key_alphabet == "control":
-        scrub |= {t for c in CONTROL for t in m.enc(c)}
+        scrub |= m.control
     for t in scrub:
         ctx[ctx == t] = m.space[0]
     target = int(round(depth * (context - len(records[0]))))
