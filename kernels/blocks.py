@@ -60,17 +60,14 @@ class BlockPlan:
         return cls(tok0, seq, off, cbeg_d, nblk_d, cmp_block, cmp_stride)
 
 
-@triton.jit
-def _wide(x, F64: tl.constexpr):
-    """x in fp32, or fp64 for fp64 tensors."""
-    if F64:
-        return x.to(tl.float64)
-    return x.to(tl.float32)
+def _accumulator(dtype: torch.dtype):
+    """Triton accumulation type: fp64 for fp64 tensors, fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
 def _gather_blocks(X, POS, OUT, TOK0, Tc, HKV, D: tl.constexpr, D_P: tl.constexpr,
-                   L: tl.constexpr, BC: tl.constexpr, F64: tl.constexpr):
+                   L: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     h = tl.program_id(1)
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     c_ok = c < Tc
@@ -82,14 +79,14 @@ def _gather_blocks(X, POS, OUT, TOK0, Tc, HKV, D: tl.constexpr, D_P: tl.constexp
         x = tl.load(X + ((tok0 + p).to(tl.int64) * HKV + h)[:, None] * D + e[None, :], mask=msk)
         pe = tl.load(POS + (h * L + p) * D + e, mask=e < D)
         # as torch adds two low-precision tensors: in fp32, one rounding
-        y = _wide(x, F64) + _wide(pe, F64)[None, :]
+        y = x.to(ACC) + pe.to(ACC)[None, :]
         tl.store(out + p * D, y.to(OUT.dtype.element_ty), mask=msk)
 
 
 @triton.jit
 def _fold_blocks(DOUT, DX, SEQ, OFF, CBEG, NBLK, T, Tc, HKV, D: tl.constexpr,
                  D_P: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, BT: tl.constexpr,
-                 F64: tl.constexpr):
+                 ACC: tl.constexpr):
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     t_ok = t < T
@@ -98,13 +95,13 @@ def _fold_blocks(DOUT, DX, SEQ, OFF, CBEG, NBLK, T, Tc, HKV, D: tl.constexpr,
     s = t - tl.load(OFF + b, mask=t_ok, other=0)
     cbeg = tl.load(CBEG + b, mask=t_ok, other=0)
     nblk = tl.load(NBLK + b, mask=t_ok, other=0)
-    acc = _wide(tl.zeros([BT, D_P], tl.float32), F64)
+    acc = tl.zeros([BT, D_P], ACC)
     for k in tl.static_range(L // STRIDE):
         i = s // STRIDE - k  # blocks i*d <= s < i*d + l of the token's sequence
         ok = t_ok & (i >= 0) & (i < nblk)
         row = (h * Tc + cbeg + i).to(tl.int64) * (L * D) + (s - i * STRIDE) * D
-        acc += _wide(tl.load(DOUT + row[:, None] + e[None, :],
-                             mask=ok[:, None] & (e[None, :] < D), other=0.0), F64)
+        acc += tl.load(DOUT + row[:, None] + e[None, :], mask=ok[:, None] & (e[None, :] < D),
+                       other=0.0).to(ACC)
     tl.store(DX + (t.to(tl.int64) * HKV + h)[:, None] * D + e[None, :],
              acc.to(DX.dtype.element_ty), mask=t_ok[:, None] & (e[None, :] < D))
 
@@ -118,7 +115,7 @@ class _GatherBlocks(torch.autograd.Function):
         if Tc:
             _gather_blocks[(triton.cdiv(Tc, 16), HKV)](x, pos, out, plan.tok0, Tc, HKV, D=D,
                                                       D_P=next_pow2(D), L=L, BC=16,
-                                                      F64=x.dtype == torch.float64, num_warps=4)
+                                                      ACC=_accumulator(x.dtype), num_warps=4)
         ctx.plan, ctx.shape = plan, x.shape
         return out
 
@@ -133,7 +130,7 @@ class _GatherBlocks(torch.autograd.Function):
                 _fold_blocks[(triton.cdiv(T, 32), HKV)](
                     dout, dx, plan.seq, plan.off, plan.cbeg, plan.nblk, T, plan.tok0.numel(),
                     HKV, D=D, D_P=next_pow2(D), L=plan.cmp_block, STRIDE=plan.cmp_stride, BT=32,
-                    F64=dout.dtype == torch.float64, num_warps=4)
+                    ACC=_accumulator(dout.dtype), num_warps=4)
         if ctx.needs_input_grad[1]:
             dpos = dout.sum(1).view(HKV, plan.cmp_block, D)
         return dx, dpos, None

@@ -147,13 +147,15 @@ def as_dtype(p, dtype):
 
 def _nccl_entry(rank, world_size, port, fn, args, queue):
     import os
+    import pickle
     import traceback
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     try:
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
-        queue.put((rank, True, fn(rank, world_size, *args)))
+        # by value: a queued tensor would share an fd the exiting rank may close before it is read
+        queue.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -167,6 +169,7 @@ def run_nccl(fn, world_size, *args, timeout: float = 600.0):
     Returns the per-rank results (moved to CPU by ``fn``); raises RuntimeError on a worker
     error or after ``timeout`` seconds.
     """
+    import pickle
     import queue as queue_mod
 
     import torch.multiprocessing as mp
@@ -184,7 +187,7 @@ def run_nccl(fn, world_size, *args, timeout: float = 600.0):
     try:
         for _ in range(world_size):
             rank, ok, value = results_q.get(timeout=timeout)
-            (results.__setitem__(rank, value) if ok else errors.append(f"rank {rank}:\n{value}"))
+            (results.__setitem__(rank, pickle.loads(value)) if ok else errors.append(f"rank {rank}:\n{value}"))
     except queue_mod.Empty:
         errors.append(f"no result within {timeout} s")
     finally:
