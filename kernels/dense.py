@@ -34,21 +34,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd") -> dict:
+def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
+                 window: bool = False) -> dict:
     """Tile sizes of one dense kernel ("fwd", "dq" or "dkdv"): BLOCK_T query tokens x G_PAD
     heads per row tile, BLOCK_N keys per step, warps and pipeline stages.
 
     GPU defaults are the spill-free shapes (ptxas report for sm_90a at Dqk = Dv = 128) that
-    timed fastest on an H100; ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N, num_warps,
-    num_stages) replaces them, for the benchmark's sweep and for tests of the tile loops."""
+    timed fastest on an H100 (``window``: the sliding-window branch, whose short key ranges
+    favour 32-key steps in fwd and dQ); ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N,
+    num_warps, num_stages) replaces them, for the benchmark's sweep and for tests of the tile
+    loops."""
     if interpreting():
         rows, block_n, warps, stages = max(128, g_pad), 64, 4, 1
     else:
         big = max(dqk_p, dv_p) > 128
         if kernel == "fwd":
             rows, block_n, warps, stages = (64, 64, 4, 2) if big else (64, 64, 4, 3)
+            if window and not big:  # 3.54 vs 3.77 ms at 64k (H100, round 4)
+                block_n = 32
         elif kernel == "dq":
             rows, block_n, warps, stages = (64, 32, 4, 2) if big else (128, 64, 8, 2)
+            if window and not big:  # 7.42 vs 7.68 ms at 64k (H100, sweep1)
+                rows, block_n, warps, stages = 64, 32, 4, 3
         else:
             rows, block_n, warps, stages = (64, 32, 4, 2) if big else (64, 128, 8, 2)
     o = TILE_OVERRIDE.get(kernel, {})
@@ -90,17 +97,18 @@ def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
         krow = krow0 + s.to(tl.int64) * HKV
         k = tl.load(K + krow[:, None] * DQK + dq[None, :],
                     mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
         if MASKED:
             kp = s * KSTRIDE + KOFF
             vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
             if WINDOW > 0:
                 vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
             qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # m_i is the running max of the scaled logits; the scale goes into one fma per logit
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
+        p = tl.exp2(qk * qk_scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + krow[:, None] * DV + dv[None, :],
                     mask=s_ok[:, None] & (dv[None, :] < DV), other=0.0)
@@ -135,9 +143,11 @@ def _query_tile(TILES, Q_CU, Q_POS0, K_CU, HQ, g, G: tl.constexpr, G_PAD: tl.con
 
 @triton.jit
 def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
+               OC, OS, GATES, OUT,
                G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
-               KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr):
+               KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr,
+               COMBINE: tl.constexpr):
     g = tl.program_id(1)
     row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
         TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
@@ -159,11 +169,22 @@ def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
 
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    tl.store(O + qrow[:, None] * DV + dv[None, :], o.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (dv[None, :] < DV))
+    o_offs = qrow[:, None] * DV + dv[None, :]
+    o_msk = row_ok[:, None] & (dv[None, :] < DV)
+    o = o.to(O.dtype.element_ty)
+    tl.store(O + o_offs, o, mask=o_msk)
     lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(LSE + qrow, lse, mask=row_ok)
+    if COMBINE:
+        # the gated sum of combine._combine_fwd, this branch's output as stored (rounded)
+        g0 = tl.load(GATES + qrow * 3, mask=row_ok, other=0.0).to(tl.float32)
+        g1 = tl.load(GATES + qrow * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
+        g2 = tl.load(GATES + qrow * 3 + 2, mask=row_ok, other=0.0).to(tl.float32)
+        out = g0[:, None] * tl.load(OC + o_offs, mask=o_msk, other=0.0).to(tl.float32)
+        out += g1[:, None] * tl.load(OS + o_offs, mask=o_msk, other=0.0).to(tl.float32)
+        out += g2[:, None] * o.to(tl.float32)
+        tl.store(OUT + o_offs, out.to(OUT.dtype.element_ty), mask=o_msk)
 
 
 @triton.jit
@@ -359,7 +380,7 @@ def _common(q, k, v):
 
 
 def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_offset: int,
-                        window: int, scale: float):
+                        window: int, scale: float, combine=None):
     """Forward of masked attention for the compressed / window branches.
 
     Args:
@@ -368,23 +389,32 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
             ``k_cu`` (int32 [N+1]); key s of a sequence sits at s*key_stride + key_offset.
         window: 0 for no window, else w (query t sees kpos in (t - w, t]).
         scale: softmax scale.
+        combine: None, or (o_a, o_b, gates): o_a, o_b [Tq, HQ, Dv] the other two branches'
+            outputs and gates [Tq, HQ, 3] (all contiguous); the kernel then also writes the
+            gated sum gates[..., 0] o_a + gates[..., 1] o_b + gates[..., 2] o (as
+            ``combine.combine_fwd``, with this branch's o as stored) in o_a's dtype.
     Returns:
         (o [Tq, HQ, Dv] in q's dtype, lse [Tq, HQ] fp32 natural log, -inf where no key is
-        visible and o = 0 there).
+        visible and o = 0 there); with ``combine`` also the gated sum [Tq, HQ, Dv].
     """
     T, HQ, HKV, DQK, DV, G = _common(q, k, v)
     o = new_empty(T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, HQ, dtype=torch.float32, device=q.device)
+    out = None
+    if combine is not None:
+        out = new_empty(T, HQ, DV, dtype=combine[0].dtype, device=q.device)
     if T == 0:
-        return o, lse
+        return (o, lse) if combine is None else (o, lse, out)
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    cfg = dense_config(g_pad, dqk_p, dv_p, "fwd")
+    cfg = dense_config(g_pad, dqk_p, dv_p, "fwd", window > 0)
     tiles = layout.tiles(cfg["BLOCK_T"])
+    oc, os_, gates = combine if combine is not None else (o, o, lse)
     _dense_fwd[(tiles.shape[0], HKV)](
         q, k, v, o, lse, tiles, layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, HQ, HKV,
+        oc, os_, gates, out if out is not None else o,
         G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p,
-        KSTRIDE=key_stride, KOFF=key_offset, WINDOW=window, **cfg)
-    return o, lse
+        KSTRIDE=key_stride, KOFF=key_offset, WINDOW=window, COMBINE=combine is not None, **cfg)
+    return (o, lse) if combine is None else (o, lse, out)
 
 
 class GradTarget:
@@ -440,8 +470,8 @@ def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_st
     """
     T, HQ, HKV, DQK, DV, G = _common(q, k, v)
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    cfg_dq = dense_config(g_pad, dqk_p, dv_p, "dq")
-    cfg_kv = dense_config(g_pad, dqk_p, dv_p, "dkdv")
+    cfg_dq = dense_config(g_pad, dqk_p, dv_p, "dq", window > 0)
+    cfg_kv = dense_config(g_pad, dqk_p, dv_p, "dkdv", window > 0)
     ktiles, split, covers = key_work(
         layout, k_cu, cfg_kv["BLOCK_N"], key_stride, key_offset, window,
         qchunk=DKDV_QUERY_CHUNK or (1 << 30 if interpreting() else 1024))

@@ -13,7 +13,7 @@ import itertools
 
 import torch
 
-from .combine import combine_bwd, combine_fwd
+from .combine import combine_bwd
 from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
 from .layout import num_compressed
 from .selected import selected_attention_bwd, selected_attention_fwd
@@ -48,9 +48,10 @@ def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
                                   local_blocks=hp["local_blocks"], scale=scale)
     o_slc, lse_slc = selected_attention_fwd(q, k, v, blocks, layout, cu_seqlens,
                                             slc_block=hp["slc_block"], scale=scale)
-    o_win, lse_win = dense_attention_fwd(q, k_win, v_win, layout, cu_seqlens, key_stride=1,
-                                         key_offset=0, window=hp["window"], scale=scale)
-    o = combine_fwd(o_cmp, o_slc, o_win, gates)
+    # the window kernel also writes the gated sum of the three branches (combine_fwd fused)
+    o_win, lse_win, o = dense_attention_fwd(q, k_win, v_win, layout, cu_seqlens, key_stride=1,
+                                            key_offset=0, window=hp["window"], scale=scale,
+                                            combine=(o_cmp, o_slc, gates))
     return o, blocks, layout, kc_cu, (o_cmp, o_slc, o_win), (lse_cmp, lse_slc, lse_win)
 
 

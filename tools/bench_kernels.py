@@ -126,8 +126,11 @@ def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
         out["slc_fwd"] = timed(lambda: selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"],
                                                               scale=scale), reps)
         o_w, lse_w = dense_attention_fwd(q, k, v, lay, cu, **win_kw)
-        out["win_fwd"] = timed(lambda: dense_attention_fwd(q, k, v, lay, cu, **win_kw), reps)
-        out["combine_fwd"] = timed(lambda: combine_fwd(o_c, o_s, o_w, gates), reps)
+        # the forward runs the window kernel with the gated sum fused (combine=...)
+        out["win_fwd"] = timed(lambda: dense_attention_fwd(q, k, v, lay, cu, combine=(o_c, o_s, gates),
+                                                           **win_kw), reps)
+        out["win_fwd_alone"] = timed(lambda: dense_attention_fwd(q, k, v, lay, cu, **win_kw), reps)
+        out["combine_fwd_unfused"] = timed(lambda: combine_fwd(o_c, o_s, o_w, gates), reps)
         _, delta = combine_bwd(do, o_c, o_s, o_w, gates)
         out["combine_bwd"] = timed(lambda: combine_bwd(do, o_c, o_s, o_w, gates), reps)
         out["cmp_bwd"] = timed(lambda: dense_attention_bwd(q, k_cmp, v_cmp, do, lse_c, delta[0], lay, kc_cu,
@@ -143,7 +146,16 @@ def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
 SWEEP = {  # kernel -> candidate launch shapes (first = the launcher's default on Dqk = Dv = 128)
     "dense:fwd": [dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
                   dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                  dict(ROWS=128, BLOCK_N=128, num_warps=8, num_stages=2)],
+                  dict(ROWS=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                  dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                  dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=4),
+                  dict(ROWS=64, BLOCK_N=32, num_warps=4, num_stages=3),
+                  dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=2)],
+    # selection.TILE_OVERRIDE: score kernel (ROWS, BJ, num_warps), top-n (top_rows, top_warps)
+    "scores": [dict(), dict(ROWS=128, num_warps=8), dict(BJ=32), dict(ROWS=128, BJ=8, num_warps=8),
+               dict(num_warps=8), dict(ROWS=32, num_warps=4)],
+    "topn": [dict(), dict(top_rows=2, top_warps=4), dict(top_rows=1, top_warps=2),
+             dict(top_rows=1, top_warps=4)],
     "dense:dq": [dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=2),
                  dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
                  dict(ROWS=64, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -224,6 +236,7 @@ def sweep(T, hq, hkv, dqk, dv, reps, only=()):
         blocks = select_blocks_triton(q, k_cmp, outs["cmp"][1], lay, kc_cu, scale=scale, **sel_kw)
         o_s, lse_s = selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"], scale=scale)
         _, delta = combine_bwd(do, outs["cmp"][0], o_s, outs["win"][0], gates)
+        import nsa_kernels.selection as selection
         from nsa_kernels.selection import _scores_chunks
 
         def scores_only():
@@ -231,7 +244,14 @@ def sweep(T, hq, hkv, dqk, dv, reps, only=()):
                                     cmp_stride=HP["cmp_stride"], slc_block=HP["slc_block"], scale=scale,
                                     budget_bytes=256 << 20):
                 pass
-        run("scores", "qk", {}, scores_only, "cmp")
+        for cfg in SWEEP["scores"]:
+            selection.TILE_OVERRIDE = dict(cfg)
+            run("scores", "qk", cfg, scores_only, "cmp")
+        for cfg in SWEEP["topn"]:  # scores (default launch) + top-n under cfg
+            selection.TILE_OVERRIDE = dict(cfg)
+            run("select", "qk", cfg, lambda: select_blocks_triton(q, k_cmp, outs["cmp"][1], lay, kc_cu,
+                                                                  scale=scale, **sel_kw), "cmp")
+        selection.TILE_OVERRIDE = {}
         for br, gi in (("cmp", 0), ("win", 2)):
             kk, vv, kcu = kv[br]
             for cfg in SWEEP["dense:fwd"]:

@@ -133,3 +133,52 @@ def test_scores_with_small_tiles_run_unmasked_steps(monkeypatch):
                                       local_blocks=HP["local_blocks"], **sel_kw)
     assert (scores.double().cpu() - ref_s).abs().max() <= 1e-5 * ref_s.abs().max()
     assert torch.equal(blocks.cpu(), ref_b)
+
+
+def test_top_blocks_match_reference_with_ties():
+    """The top-n kernel alone on given scores: integer scores (many ties, which go to the lower
+    block), rows with fewer visible blocks than n, every forced-block count, and forced blocks
+    that outnumber n (the kernel's other path); selections equal reference.select_blocks."""
+    from nsa_kernels.selection import top_blocks_triton
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(11)
+    T, hkv, nb, sb = 37, 2, 12, 4
+    pos = torch.randint(0, nb * sb, (T,), generator=gen)
+    pos[:4] = torch.tensor([0, sb - 1, sb, 2 * sb + 1])  # 1, 1, 2 and 3 visible blocks
+    for topk, init, local in ((5, 1, 2), (3, 0, 0), (4, 2, 2), (2, 2, 2), (3, 1, 3), (16, 1, 2)):
+        for ties in (True, False):
+            s = torch.randint(0, 4, (T, hkv, nb), generator=gen).double() if ties else \
+                torch.rand(T, hkv, nb, generator=gen, dtype=torch.float64)
+            vis = torch.arange(nb)[None, :] <= (pos // sb)[:, None]
+            s = torch.where(vis[:, None, :], s, 0.0)
+            ref = R.select_blocks(s, pos, slc_block=sb, topk=topk, init_blocks=init,
+                                  local_blocks=local)
+            with poisoned_outputs():
+                got = top_blocks_triton(s.float().to(dev), pos.to(torch.int32).to(dev),
+                                        slc_block=sb, topk=topk, init_blocks=init,
+                                        local_blocks=local)
+            assert torch.equal(got.cpu(), ref), (topk, init, local, ties)
+
+
+def test_window_fwd_fused_combine():
+    """dense_attention_fwd(combine=...) writes the window branch as without it and the gated
+    sum as combine_fwd does from the stored branch outputs."""
+    from nsa_kernels.combine import combine_fwd
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(5)
+    lens, hq, hkv, d = [70, 1, 45], 4, 2, 16
+    T = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32).to(dev)
+    layout = Varlen.build(cu)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dev)  # noqa: E731
+    q, k, v, oa, ob = rnd(T, hq, d), rnd(T, hkv, d), rnd(T, hkv, d), rnd(T, hq, d), rnd(T, hq, d)
+    gates = torch.rand(T, hq, 3, generator=gen).to(dev)
+    kw = dict(key_stride=1, key_offset=0, window=HP["window"], scale=d ** -0.5)
+    with poisoned_outputs():
+        o_w, lse_w = dense_attention_fwd(q, k, v, layout, cu, **kw)
+        o_w2, lse_w2, o = dense_attention_fwd(q, k, v, layout, cu, combine=(oa, ob, gates), **kw)
+    assert torch.equal(o_w2, o_w) and torch.equal(lse_w2, lse_w)
+    want = combine_fwd(oa, ob, o_w, gates)
+    assert rel_err(o, want) <= 1e-6
