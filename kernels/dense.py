@@ -208,6 +208,39 @@ def _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
 
 
 @triton.jit
+def _load_dq_rows(Q, DO, LSE, DELTA, GATE, OB, DGATE, DOG, qrow, row_ok, gate_stride, dgate_stride,
+                  DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
+                  HAS_GATE: tl.constexpr, FUSE: tl.constexpr, STORE_DOG: tl.constexpr):
+    """A dQ kernel's rows. FUSE: the first step of the backward (``combine._combine_bwd`` for
+    this branch) is done here, from the dO rows loaded anyway: r = rowsum(dO * O_b) goes to
+    DGATE (d gate_b), delta = gate_b * r to DELTA for this branch's dK/dV kernel and, with
+    STORE_DOG, the gated dO rows (as the dK/dV kernel would round them) to DOG, so that
+    kernel reads them ungated."""
+    if FUSE:
+        dq = tl.arange(0, DQK_P)
+        dv = tl.arange(0, DV_P)
+        q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
+                    mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
+        o_offs = qrow[:, None] * DV + dv[None, :]
+        o_msk = row_ok[:, None] & (dv[None, :] < DV)
+        do = tl.load(DO + o_offs, mask=o_msk, other=0.0).to(tl.float32)
+        r = tl.sum(do * tl.load(OB + o_offs, mask=o_msk, other=0.0).to(tl.float32), 1)
+        tl.store(DGATE + qrow * dgate_stride, r.to(DGATE.dtype.element_ty), mask=row_ok)
+        gate = tl.load(GATE + qrow * gate_stride, mask=row_ok, other=0.0).to(tl.float32)
+        delta = gate * r
+        tl.store(DELTA + qrow, delta, mask=row_ok)
+        do = (do * gate[:, None]).to(q.dtype)
+        if STORE_DOG:
+            tl.store(DOG + o_offs, do, mask=o_msk)
+        lse = tl.load(LSE + qrow, mask=row_ok, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    else:
+        q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
+                                            DQK, DV, DQK_P, DV_P, HAS_GATE)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
               DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
               BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
@@ -237,17 +270,19 @@ def _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, s_a, s_b, hi, qk_scale,
 
 
 @triton.jit
-def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ_IN, DQ, TILES, Q_CU, Q_POS0, K_CU,
-                  qk_scale, scale, HQ, HKV, gate_stride,
+def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, OB, DGATE, DOG, DQ_IN, DQ, TILES, Q_CU, Q_POS0,
+                  K_CU, qk_scale, scale, HQ, HKV, gate_stride, dgate_stride,
                   G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                   DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                   KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr,
-                  HAS_GATE: tl.constexpr, ACCUM: tl.constexpr):
+                  HAS_GATE: tl.constexpr, ACCUM: tl.constexpr, FUSE: tl.constexpr,
+                  STORE_DOG: tl.constexpr):
     g = tl.program_id(1)
     row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
         TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
-    q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
-                                        DQK, DV, DQK_P, DV_P, HAS_GATE)
+    q, do, lse2, delta = _load_dq_rows(Q, DO, LSE, DELTA, GATE, OB, DGATE, DOG, qrow, row_ok,
+                                       gate_stride, dgate_stride, DQK, DV, DQK_P, DV_P, HAS_GATE,
+                                       FUSE, STORE_DOG)
     dq = tl.arange(0, DQK_P)
     lo, f1, f2, hi = _key_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
     krow0 = k_beg.to(tl.int64) * HKV + g
@@ -453,10 +488,52 @@ class GradTarget:
         return self.dst
 
 
+# fused backward prologue (``fuse=``): the dQ kernel also stores the gated dO rows, which the
+# dK/dV kernel then reads ungated (False: dK/dV gates dO itself; kept for A/B timing)
+PRESCALE_DO = True
+
+
+def fused_prologue_torch(do, o_b, gate, dgate, delta, dog=None):
+    """What a dQ kernel's fused prologue writes, in torch, for when that kernel does not run
+    (no rows or no keys, or a launcher asked for dK/dV alone): dgate = rowsum(do * o_b),
+    delta = gate * dgate (fp32) and, given ``dog``, the gated dO in dog's dtype."""
+    r = (do.float() * o_b.float()).sum(-1)
+    dgate.copy_(r)
+    g = gate.float()
+    delta.copy_(g * r)
+    if dog is not None:
+        dog.copy_((do.float() * g[..., None]).to(dog.dtype))
+
+
+def fuse_setup(fuse, q, do, gate, delta, HQ: int, run_dq: bool, run_kv: bool):
+    """Buffers of a fused backward prologue (see ``dense_attention_bwd``'s ``fuse``).
+
+    Returns (kernel args dict for the dQ kernel, delta, dog): dog the gated dO the dK/dV
+    kernel reads ungated (None: it gates ``do`` itself)."""
+    T = q.shape[0]
+    DV = do.shape[-1]
+    if fuse is None:
+        args = dict(OB=do, DGATE=do, DOG=do, dgate_stride=1, FUSE=False, STORE_DOG=False)
+        return args, delta, None
+    if gate is None:
+        raise ValueError("fuse needs the branch gate")
+    o_b, dgate = fuse
+    if dgate.stride(0) != HQ * dgate.stride(1):
+        raise ValueError("dgate must be a [Tq, HQ] view with row stride HQ * head stride")
+    if delta is None:
+        delta = new_empty(T, HQ, dtype=torch.float32, device=q.device)
+    dog = new_empty(T, HQ, DV, dtype=q.dtype, device=q.device) if PRESCALE_DO and run_kv else None
+    if not run_dq:
+        fused_prologue_torch(do, o_b, gate, dgate, delta, dog)
+    args = dict(OB=o_b, DGATE=dgate, DOG=dog if dog is not None else do,
+                dgate_stride=dgate.stride(1), FUSE=run_dq, STORE_DOG=run_dq and dog is not None)
+    return args, delta, dog
+
+
 def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_stride: int,
                         key_offset: int, window: int, scale: float, gate=None,
                         dq_acc=None, dk_acc=None, dv_acc=None, dq_out=None, dk_out=None,
-                        dv_out=None, kernels=("dq", "dkdv")):
+                        dv_out=None, kernels=("dq", "dkdv"), fuse=None):
     """Backward of :func:`dense_attention_fwd`.
 
     The branch's output gradient is ``gate[..., None] * do`` (``gate`` [Tq, HQ] any float view,
@@ -466,7 +543,12 @@ def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_st
     (None: no earlier term), written to ``dq_out`` / ``dk_out`` / ``dv_out`` (same shapes, any
     float dtype; None: into the accumulator, or a new fp32 tensor); see :class:`GradTarget`.
     ``kernels`` names the kernels to run (a subset times one alone; the other's outputs are
-    then left unwritten). Returns (dq, dk, dv), the tensors holding the sums.
+    then left unwritten).
+    ``fuse`` = (o_b [Tq, HQ, Dv] this branch's forward output, dgate [Tq, HQ] view like
+    ``gate``): the dQ kernel computes the gate/delta step itself (``combine.combine_bwd`` for
+    this branch): dgate = rowsum(do * o_b), and ``delta`` (None: a new buffer) is written,
+    not read, as gate * dgate. Needs ``gate``. Returns (dq, dk, dv), the tensors holding the
+    sums.
     """
     T, HQ, HKV, DQK, DV, G = _common(q, k, v)
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
@@ -480,24 +562,28 @@ def dense_attention_bwd(q, k, v, do, lse, delta, layout: Varlen, k_cu, *, key_st
     dkt = GradTarget(dk_acc, dk_out, (k.shape[0], HKV, DQK), q.device, direct=direct_kv)
     dvt = GradTarget(dv_acc, dv_out, (v.shape[0], HKV, DV), q.device, direct=direct_kv)
     has_gate = gate is not None
-    gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if has_gate and gate.stride(0) != HQ * gate.stride(1):
         raise ValueError("gate must be a [Tq, HQ] view with row stride HQ * head stride")
-    common = dict(G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, KSTRIDE=key_stride,
-                  KOFF=key_offset, WINDOW=window, HAS_GATE=has_gate)
     run_dq = "dq" in kernels and T > 0 and k.shape[0] > 0
+    run_kv = "dkdv" in kernels and ktiles.shape[0] > 0
+    fargs, delta, dog = fuse_setup(fuse, q, do, gate, delta, HQ, run_dq, run_kv)
+    gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
+    common = dict(G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, KSTRIDE=key_stride,
+                  KOFF=key_offset, WINDOW=window)
     if run_dq:
         tiles = layout.tiles(cfg_dq["BLOCK_T"])
         _dense_bwd_dq[(tiles.shape[0], HKV)](
-            q, k, v, do, lse, delta, gate_arg, dqt.src, dqt.dst, tiles, layout.q_cu,
-            layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride, ACCUM=dqt.accum,
-            **common, **cfg_dq)
-    run_kv = "dkdv" in kernels and ktiles.shape[0] > 0
+            q, k, v, do, lse, delta, gate_arg, fargs["OB"], fargs["DGATE"], fargs["DOG"], dqt.src,
+            dqt.dst, tiles, layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV,
+            gate_stride, fargs["dgate_stride"], ACCUM=dqt.accum, HAS_GATE=has_gate,
+            FUSE=fargs["FUSE"], STORE_DOG=fargs["STORE_DOG"], **common, **cfg_dq)
     if run_kv:
+        # with the gated dO stored by the dQ kernel, dK/dV reads it as an ungated dO
+        do_kv, kv_gate = (dog, False) if dog is not None else (do, has_gate)
         _dense_bwd_dkdv[(ktiles.shape[0], HKV)](
-            q, k, v, do, lse, delta, gate_arg, dkt.src, dvt.src, dkt.dst, dvt.dst, ktiles,
+            q, k, v, do_kv, lse, delta, gate_arg, dkt.src, dvt.src, dkt.dst, dvt.dst, ktiles,
             layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride,
-            ACCUM=dkt.accum, ATOMIC=split, **common, **cfg_kv)
+            ACCUM=dkt.accum, ATOMIC=split, HAS_GATE=kv_gate, **common, **cfg_kv)
     skip_dq, skip_kv = "dq" not in kernels, "dkdv" not in kernels
     return (dqt.dst if skip_dq else dqt.result(run_dq),
             dkt.dst if skip_kv else dkt.result(run_kv),

@@ -1,10 +1,11 @@
 """NSA attention through the Triton kernels: autograd.Function and the public entry point.
 
 Forward: compressed attention (-> lse) -> block scores + top-n -> selected attention ->
-sliding window -> gated sum. Backward: the gate/delta pass, then each branch's dQ and dK/dV
-kernels summing into fp32 (dQ shared by the three branches; dK/dV shared by the selected and
-window branches when they use the same keys): the first kernel of a sum stores its term, the
-last writes the input dtype. See README.md for the maths.
+sliding window -> gated sum. Backward: each branch's dQ kernel (which also computes its
+gate gradient and delta = rowsum(d o_b * o_b), and stores the gated dO) then its dK/dV
+kernel, summing into fp32 (dQ shared by the three branches; dK/dV shared by the selected
+and window branches when they use the same keys): the first kernel of a sum stores its
+term, the last writes the input dtype. See README.md for the maths.
 Only the forward reads anything back from the device (the sequence lengths, once).
 """
 from __future__ import annotations
@@ -13,7 +14,6 @@ import itertools
 
 import torch
 
-from .combine import combine_bwd
 from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
 from .layout import num_compressed
 from .selected import selected_attention_bwd, selected_attention_fwd
@@ -79,22 +79,25 @@ class NSATritonFunction(torch.autograd.Function):
          lse_cmp, lse_slc, lse_win) = ctx.saved_tensors
         hp, scale, layout, cu, kc_cu = ctx.hp, ctx.scale, ctx.layout, ctx.cu, ctx.kc_cu
         do = do.contiguous()
-        dgates, delta = combine_bwd(do, o_cmp, o_slc, o_win, gates)
+        # each branch's dQ kernel also does its part of the gate/delta step (combine_bwd):
+        # d gates[..., b] = rowsum(do * o_b) and delta_b = gates[..., b] * that
+        dgates = new_empty(*gates.shape, dtype=gates.dtype, device=gates.device)
         dq, dkc, dvc = dense_attention_bwd(
-            q, k_cmp, v_cmp, do, lse_cmp, delta[0], layout, kc_cu, key_stride=hp["cmp_stride"],
+            q, k_cmp, v_cmp, do, lse_cmp, None, layout, kc_cu, key_stride=hp["cmp_stride"],
             key_offset=hp["cmp_block"] - 1, window=0, scale=scale, gate=gates[:, :, 0],
-            dk_out=_grad_out(k_cmp), dv_out=_grad_out(v_cmp))
+            dk_out=_grad_out(k_cmp), dv_out=_grad_out(v_cmp), fuse=(o_cmp, dgates[:, :, 0]))
         shared = ctx.shared_win
         _, dk, dv = selected_attention_bwd(
-            q, k, v, do, lse_slc, delta[1], blocks, layout, cu, slc_block=hp["slc_block"],
+            q, k, v, do, lse_slc, None, blocks, layout, cu, slc_block=hp["slc_block"],
             scale=scale, gate=gates[:, :, 1], dq_acc=dq,
-            dk_out=None if shared else _grad_out(k), dv_out=None if shared else _grad_out(v))
+            dk_out=None if shared else _grad_out(k), dv_out=None if shared else _grad_out(v),
+            fuse=(o_slc, dgates[:, :, 1]))
         win_acc = (dk, dv) if shared else (None, None)
         dq, dkw, dvw = dense_attention_bwd(
-            q, k_win, v_win, do, lse_win, delta[2], layout, cu, key_stride=1, key_offset=0,
+            q, k_win, v_win, do, lse_win, None, layout, cu, key_stride=1, key_offset=0,
             window=hp["window"], scale=scale, gate=gates[:, :, 2], dq_acc=dq, dq_out=_grad_out(q),
             dk_acc=win_acc[0], dv_acc=win_acc[1], dk_out=_grad_out(k_win),
-            dv_out=_grad_out(v_win))
+            dv_out=_grad_out(v_win), fuse=(o_win, dgates[:, :, 2]))
         if shared:
             grads = [dq, dkw, dvw, dkc, dvc, dgates, None, None]
         else:

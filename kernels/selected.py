@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .dense import LOG2E, GradTarget, _load_bwd_rows, dkdv_step, interpreting, store_grad
+from .dense import (LOG2E, GradTarget, _load_dq_rows, dkdv_step, fuse_setup, interpreting,
+                    store_grad)
 from .varlen import new_empty, Varlen, next_pow2, to_device
 
 # launch overrides {"fwd"|"dq": {num_warps, num_stages}, "dkdv": {ROWS, SEGMENT, num_warps,
@@ -86,11 +87,12 @@ def _slc_fwd(Q, K, V, O, LSE, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, HQ, HKV,
 
 
 @triton.jit
-def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ_IN, DQ, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, scale,
-                HQ, HKV, gate_stride, G: tl.constexpr, GR: tl.constexpr, DQK: tl.constexpr,
-                DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr, BS: tl.constexpr,
-                BS_P: tl.constexpr, NSEL: tl.constexpr, HAS_GATE: tl.constexpr,
-                ACCUM: tl.constexpr):
+def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, OB, DGATE, DOG, DQ_IN, DQ, BI, ROWSEQ, ROWPOS, K_CU,
+                qk_scale, scale, HQ, HKV, gate_stride, dgate_stride, G: tl.constexpr,
+                GR: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr,
+                DV_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr, NSEL: tl.constexpr,
+                HAS_GATE: tl.constexpr, ACCUM: tl.constexpr, FUSE: tl.constexpr,
+                STORE_DOG: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(ROWSEQ + t)
@@ -99,8 +101,9 @@ def _slc_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, DQ_IN, DQ, BI, ROWSEQ, ROWPOS, K_
     hh = tl.arange(0, GR)
     row_ok = hh < G
     qrow = t.to(tl.int64) * HQ + g * G + hh
-    q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
-                                        DQK, DV, DQK_P, DV_P, HAS_GATE)
+    q, do, lse2, delta = _load_dq_rows(Q, DO, LSE, DELTA, GATE, OB, DGATE, DOG, qrow, row_ok,
+                                       gate_stride, dgate_stride, DQK, DV, DQK_P, DV_P, HAS_GATE,
+                                       FUSE, STORE_DOG)
     dq = tl.arange(0, DQK_P)
     dv = tl.arange(0, DV_P)
     acc = tl.zeros([GR, DQK_P], tl.float32)
@@ -313,30 +316,38 @@ def block_work_list(block_indices, layout: Varlen, k_cu, slc_block: int, segment
 def selected_attention_bwd(q, k, v, do, lse, delta, block_indices, layout: Varlen, k_cu, *,
                            slc_block: int, scale: float, gate=None, dq_acc=None, dk_acc=None,
                            dv_acc=None, dq_out=None, dk_out=None, dv_out=None,
-                           kernels=("dq", "dkdv")):
+                           kernels=("dq", "dkdv"), fuse=None):
     """Backward of :func:`selected_attention_fwd`; conventions as ``dense_attention_bwd``
     (branch output gradient ``gate * do``, ``delta`` = rowsum(d o_branch * o_branch), each
     gradient = this branch's term + the optional fp32 accumulator, written to the optional
-    ``*_out``; ``kernels`` the subset to run). dK/dV add atomically into fp32 buffers.
+    ``*_out``; ``kernels`` the subset to run; ``fuse`` = (o_b, dgate): the dQ kernel writes
+    dgate and ``delta`` itself). dK/dV add atomically into fp32 buffers.
     Returns (dq, dk, dv), the tensors holding the sums."""
     T, HQ, HKV, DQK, DV, G, GR, dqk_p, dv_p = _dims(q, k, v)
     dqt = GradTarget(dq_acc, dq_out, (T, HQ, DQK), q.device, direct=True)
     dkt = GradTarget(dk_acc, dk_out, (k.shape[0], HKV, DQK), q.device, direct=False)
     dvt = GradTarget(dv_acc, dv_out, (v.shape[0], HKV, DV), q.device, direct=False)
     has_gate = gate is not None
-    gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if has_gate and gate.stride(0) != HQ * gate.stride(1):
         raise ValueError("gate must be a [Tq, HQ] view with row stride HQ * head stride")
     row_seq, row_pos = layout.row_info()
     nsel = block_indices.shape[-1]
     bs_p = max(16, next_pow2(slc_block))
     run = T > 0 and k.shape[0] > 0
+    fargs, delta, dog = fuse_setup(fuse, q, do, gate, delta, HQ, run and "dq" in kernels,
+                                   run and "dkdv" in kernels)
+    gate_arg, gate_stride = (gate, gate.stride(1)) if has_gate else (delta, 1)
     if run and "dq" in kernels:
         cfg = _launch("dq", GR, GR * max(dqk_p, dv_p) > 4096)
-        _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, dqt.src, dqt.dst, block_indices,
-                              row_seq, row_pos, k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride,
-                              G=G, GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-                              BS_P=bs_p, NSEL=nsel, HAS_GATE=has_gate, ACCUM=dqt.accum, **cfg)
+        _slc_bwd_dq[(T, HKV)](q, k, v, do, lse, delta, gate_arg, fargs["OB"], fargs["DGATE"],
+                              fargs["DOG"], dqt.src, dqt.dst, block_indices, row_seq, row_pos,
+                              k_cu, scale * LOG2E, scale, HQ, HKV, gate_stride,
+                              fargs["dgate_stride"], G=G, GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p,
+                              DV_P=dv_p, BS=slc_block, BS_P=bs_p, NSEL=nsel, HAS_GATE=has_gate,
+                              ACCUM=dqt.accum, FUSE=fargs["FUSE"], STORE_DOG=fargs["STORE_DOG"],
+                              **cfg)
+    if dog is not None:  # the dQ kernel stored the gated dO: dK/dV reads it ungated
+        do, has_gate = dog, False
     if run and "dkdv" in kernels:
         g_pad = next_pow2(G)
         cfg = _launch("dkdv", g_pad, max(dqk_p, dv_p) > 128)

@@ -131,15 +131,19 @@ def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
                                                            **win_kw), reps)
         out["win_fwd_alone"] = timed(lambda: dense_attention_fwd(q, k, v, lay, cu, **win_kw), reps)
         out["combine_fwd_unfused"] = timed(lambda: combine_fwd(o_c, o_s, o_w, gates), reps)
-        _, delta = combine_bwd(do, o_c, o_s, o_w, gates)
-        out["combine_bwd"] = timed(lambda: combine_bwd(do, o_c, o_s, o_w, gates), reps)
-        out["cmp_bwd"] = timed(lambda: dense_attention_bwd(q, k_cmp, v_cmp, do, lse_c, delta[0], lay, kc_cu,
-                                                           gate=gates[:, :, 0], **cmp_kw), reps)
-        out["slc_bwd"] = timed(lambda: selected_attention_bwd(q, k, v, do, lse_s, delta[1], blocks, lay, cu,
+        # the backward runs each branch with the gate/delta step fused into its dQ kernel
+        # (fuse=...); combine_bwd_unfused is the separate pass it replaced
+        out["combine_bwd_unfused"] = timed(lambda: combine_bwd(do, o_c, o_s, o_w, gates), reps)
+        dgates = torch.empty_like(gates)
+        out["cmp_bwd"] = timed(lambda: dense_attention_bwd(q, k_cmp, v_cmp, do, lse_c, None, lay, kc_cu,
+                                                           gate=gates[:, :, 0], fuse=(o_c, dgates[:, :, 0]),
+                                                           **cmp_kw), reps)
+        out["slc_bwd"] = timed(lambda: selected_attention_bwd(q, k, v, do, lse_s, None, blocks, lay, cu,
                                                               slc_block=HP["slc_block"], scale=scale,
-                                                              gate=gates[:, :, 1]), reps)
-        out["win_bwd"] = timed(lambda: dense_attention_bwd(q, k, v, do, lse_w, delta[2], lay, cu,
-                                                           gate=gates[:, :, 2], **win_kw), reps)
+                                                              gate=gates[:, :, 1], fuse=(o_s, dgates[:, :, 1])),
+                               reps)
+        out["win_bwd"] = timed(lambda: dense_attention_bwd(q, k, v, do, lse_w, None, lay, cu, gate=gates[:, :, 2],
+                                                           fuse=(o_w, dgates[:, :, 2]), **win_kw), reps)
     return {n: round(t, 3) for n, t in out.items()}
 
 
@@ -258,23 +262,32 @@ def sweep(T, hq, hkv, dqk, dv, reps, only=()):
                 dense.TILE_OVERRIDE = {"fwd": cfg}
                 run(f"{br}_fwd", "fwd", cfg, lambda: dense_attention_fwd(q, kk, vv, lay, kcu, **kw[br]), br)
             o_b, lse_b = outs[br]
+            dgates = torch.empty_like(gates)
+            dog = (do.float() * gates[:, :, gi, None].float()).to(do.dtype)
             for part in ("dq", "dkdv"):
+                # dQ with the fused gate/delta step; dK/dV on the gated dO it stores
+                bw = (dict(do=do, gate=gates[:, :, gi], fuse=(o_b, dgates[:, :, gi])) if part == "dq"
+                      else dict(do=dog, gate=None))
                 for cfg in SWEEP["dense:" + part]:
                     dense.TILE_OVERRIDE = {part: cfg}
                     run(f"{br}_{part}", part, cfg, lambda: dense_attention_bwd(
-                        q, kk, vv, do, lse_b, delta[gi], lay, kcu, gate=gates[:, :, gi], kernels=(part,),
-                        **kw[br]), br)
+                        q, kk, vv, bw["do"], lse_b, delta[gi], lay, kcu, gate=bw["gate"], kernels=(part,),
+                        fuse=bw.get("fuse"), **kw[br]), br)
             dense.TILE_OVERRIDE = {}
         for cfg in SWEEP["slc:fwd"]:
             selected.TILE_OVERRIDE = {"fwd": cfg}
             run("slc_fwd", "fwd", cfg, lambda: selected_attention_fwd(q, k, v, blocks, lay, cu, slc_block=HP["slc_block"],
                                                                   scale=scale), "slc")
+        dgates = torch.empty_like(gates)
+        dog = (do.float() * gates[:, :, 1, None].float()).to(do.dtype)
         for part in ("dq", "dkdv"):
+            bw = (dict(do=do, gate=gates[:, :, 1], fuse=(o_s, dgates[:, :, 1])) if part == "dq"
+                  else dict(do=dog, gate=None))
             for cfg in SWEEP["slc:" + part]:
                 selected.TILE_OVERRIDE = {part: dict(cfg)}
                 run(f"slc_{part}", part, cfg, lambda: selected_attention_bwd(
-                    q, k, v, do, lse_s, delta[1], blocks, lay, cu, slc_block=HP["slc_block"], scale=scale,
-                    gate=gates[:, :, 1], kernels=(part,)), "slc")
+                    q, k, v, bw["do"], lse_s, delta[1], blocks, lay, cu, slc_block=HP["slc_block"], scale=scale,
+                    gate=bw["gate"], kernels=(part,), fuse=bw.get("fuse")), "slc")
         selected.TILE_OVERRIDE = {}
     return rows
 
@@ -376,7 +389,12 @@ def main():
     p.add_argument("--tag", default="")
     p.add_argument("--sweep", type=int, default=0, help="time each kernel's candidate shapes at this length")
     p.add_argument("--sweep-only", default="", help="comma-separated kernel-name prefixes for --sweep")
+    p.add_argument("--prescale-do", type=int, default=1,
+                   help="0: dK/dV kernels gate dO themselves instead of reading the dQ kernel's gated copy")
     args = p.parse_args()
+    import nsa_kernels.dense as dense
+
+    dense.PRESCALE_DO = bool(args.prescale_do)
     if args.sweep:
         rows = sweep(args.sweep, args.heads, args.kv_heads, args.dqk, args.dv, reps=5,
                      only=tuple(filter(None, args.sweep_only.split(","))))

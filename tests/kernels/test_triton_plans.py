@@ -194,3 +194,63 @@ def test_grad_targets_without_keys_and_selected_atomics():
         got = selected_attention_bwd(*args, dq_out=outs[0], dk_out=outs[1], dv_out=outs[2], **skw)
     for x, y, z in zip(got, ref, outs):
         assert x is z and torch.equal(x, y.bfloat16())
+
+
+def _close(x, y, tol=1e-5):
+    return bool(((x.double() - y.double()).abs() <= tol * (y.double().abs() + 1.0)).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prologue_matches_separate_delta_pass(monkeypatch, dtype):
+    """fuse=(o_b, dgate): the dQ kernels write d gate = rowsum(dO * O_b) and delta = gate *
+    that, and dK/dV reads the gated dO the dQ kernel stored (PRESCALE_DO) or gates dO itself;
+    all equal the separate pass (combine_bwd's maths) on the dense (window, strided) and
+    selected kernels; without a dQ kernel (dK/dV alone, or no keys) torch fills them."""
+    lay, k_cu, q, k, v, do, lse, _, _ = _bwd_inputs([50, 30], [150, 0], 2, 2, 16, 24, seed=2)
+    gen = torch.Generator().manual_seed(9)
+    o_b = torch.randn(do.shape, generator=gen).to(DEV)
+    gates = torch.rand(*do.shape[:2], 3, generator=gen).to(DEV)
+    q, k, v, do, o_b, gates = (x.to(dtype) for x in (q, k, v, do, o_b, gates))
+    gate = gates[:, :, 1]
+    r_ref = (do.double() * o_b.double()).sum(-1)
+    delta_ref = (gate.double() * r_ref).float()
+    bi = _random_selection(lay, 2, 3, 8, random.Random(4)).to(DEV)
+    runs = [
+        (dense_attention_bwd, (q, k, v, do, lse), (lay, k_cu),
+         dict(key_stride=1, key_offset=0, window=20, scale=0.3)),
+        (dense_attention_bwd, (q, k[:57], v[:57], do, lse), (lay, k_cu // 4),
+         dict(key_stride=4, key_offset=7, window=0, scale=0.3)),
+        (selected_attention_bwd, (q, k, v, do, lse), (bi, lay, k_cu), dict(slc_block=8, scale=0.3)),
+    ]
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for fn, head, tail, kw in runs:
+        ref = fn(*head, delta_ref, *tail, gate=gate, **kw)
+        got = {}
+        for prescale in (True, False):
+            monkeypatch.setattr(dense, "PRESCALE_DO", prescale)
+            dgates = torch.full_like(gates, float("nan"))
+            delta = torch.full_like(delta_ref, float("nan"))
+            got[prescale] = fn(*head, delta, *tail, gate=gate, fuse=(o_b, dgates[:, :, 1]), **kw)
+            assert _close(dgates[:, :, 1], r_ref, tol) and dgates[:, :, [0, 2]].isnan().all()
+            assert _close(delta, delta_ref, tol)
+            for x, y in zip(got[prescale], ref):
+                assert _close(x, y, 1e-4 if dtype == torch.float32 else 2 ** -6)
+        # the stored gated dO is what dK/dV rounds itself: same dK/dV bits either way
+        exact = DEV == "cpu" or fn is dense_attention_bwd
+        assert all(_same(x, y, exact) for x, y in zip(got[True], got[False]))
+        # dK/dV alone: the prologue runs in torch
+        dgates = torch.full_like(gates, float("nan"))
+        alone = fn(*head, None, *tail, gate=gate, fuse=(o_b, dgates[:, :, 1]), kernels=("dkdv",),
+                   **kw)
+        assert _close(dgates[:, :, 1], r_ref, tol)
+        for x, y in zip(alone[1:], ref[1:]):
+            assert _close(x, y, 1e-4 if dtype == torch.float32 else 2 ** -6)
+    # no keys: no dQ kernel runs, d gate still written
+    empty_cu = torch.zeros(3, dtype=torch.int32, device=DEV)
+    dgates = torch.full_like(gates, float("nan"))
+    dense_attention_bwd(q, k[:0], v[:0], do, lse, None, lay, empty_cu, key_stride=4, key_offset=7,
+                        window=0, scale=0.3, gate=gate, fuse=(o_b, dgates[:, :, 1]))
+    assert _close(dgates[:, :, 1], r_ref, tol)
+    with pytest.raises(ValueError):
+        dense_attention_bwd(q, k, v, do, lse, None, lay, k_cu, key_stride=1, key_offset=0,
+                            window=20, scale=0.3, fuse=(o_b, dgates[:, :, 1]))
