@@ -41,9 +41,11 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
 
     GPU defaults are the spill-free shapes (ptxas report for sm_90a at Dqk = Dv = 128) that
     timed fastest on an H100 (``window``: the sliding-window branch, whose short key ranges
-    favour 32-key steps in fwd and dQ); ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N,
-    num_warps, num_stages) replaces them, for the benchmark's sweep and for tests of the tile
-    loops."""
+    favour 32-key steps in fwd and dQ); ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N, num_warps,
+    num_stages, maxnreg: the register cap per thread, GPU only) replaces them, for the
+    benchmark's sweep and for tests of the tile loops (``TILE_OVERRIDE["win_fwd"]``, when
+    present, replaces ``"fwd"`` for the window branch)."""
+    maxnreg = None
     if interpreting():
         rows, block_n, warps, stages = max(128, g_pad), 64, 4, 1
     else:
@@ -52,6 +54,9 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
             rows, block_n, warps, stages = (64, 64, 4, 2) if big else (64, 64, 4, 3)
             if window and not big:  # 3.54 vs 3.77 ms at 64k (H100, round 4)
                 block_n = 32
+            # round 6: 128 rows x 32 keys on 8 warps with maxnreg=128 (2 programs per SM, half
+            # the K/V bytes) measured compressed 10.08 vs 9.98 ms and window 3.31 vs 3.51 alone,
+            # but the whole forward within noise of these shapes: not the default
         elif kernel == "dq":
             rows, block_n, warps, stages = (64, 32, 4, 2) if big else (128, 64, 8, 2)
             if window and not big:  # 7.42 vs 7.68 ms at 64k (H100, sweep1)
@@ -59,9 +64,17 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
         else:
             rows, block_n, warps, stages = (64, 32, 4, 2) if big else (64, 128, 8, 2)
     o = TILE_OVERRIDE.get(kernel, {})
+    if kernel == "fwd" and window and "win_fwd" in TILE_OVERRIDE:
+        o = TILE_OVERRIDE["win_fwd"]
     rows = max(o.get("ROWS", rows), g_pad)
-    return dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=o.get("BLOCK_N", block_n),
-                num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
+    if "ROWS" in o or "num_warps" in o:  # an override shape sets its own register cap
+        maxnreg = None
+    maxnreg = o.get("maxnreg", maxnreg)
+    cfg = dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=o.get("BLOCK_N", block_n),
+               num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
+    if maxnreg and not interpreting():
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 @triton.jit

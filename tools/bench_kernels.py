@@ -83,6 +83,12 @@ def make_inputs(T, hq, hkv, dqk, dv):
     return q, k, v, gates, cu, kcomp, vcomp, g
 
 
+# --ab-fwd: dense.TILE_OVERRIDE settings under which bench_nsa times the forward again
+AB_FWD: dict = {}
+V7_FWD_TILES = {"fwd": dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                "win_fwd": dict(ROWS=64, BLOCK_N=32, num_warps=4, num_stages=3)}
+
+
 def bench_nsa(T, hq, hkv, dqk, dv, reps):
     q, k, v, gates, cu, kcomp, vcomp, _ = make_inputs(T, hq, hkv, dqk, dv)
     scale = dqk ** -0.5
@@ -101,6 +107,15 @@ def bench_nsa(T, hq, hkv, dqk, dv, reps):
         o.backward(do, retain_graph=True)
 
     row["bwd_ms"] = timed(bwd, reps)
+    if AB_FWD:  # the whole forward again under other dense forward tiles, then the defaults
+        import nsa_kernels.dense as dense
+
+        ab = {}
+        for name, over in (*AB_FWD.items(), ("default_again", {})):
+            dense.TILE_OVERRIDE = dict(over)
+            ab[name] = round(timed(fwd, reps), 3)
+        dense.TILE_OVERRIDE = {}
+        row["fwd_ab_ms"] = ab
     row["branches_ms"] = branch_times(q.detach(), k.detach(), v.detach(), kcomp, vcomp,
                                       gates.detach(), cu, scale, do, reps)
     return row
@@ -148,13 +163,14 @@ def branch_times(q, k, v, kcomp, vcomp, gates, cu, scale, do, reps):
 
 
 SWEEP = {  # kernel -> candidate launch shapes (first = the launcher's default on Dqk = Dv = 128)
+    # compressed default, window default, then round 6's register-capped 8- and 16-token tiles
+    # (2 resp. 1 programs of 8 resp. 16 warps per SM; not kept, kernels-analysis.md round 6);
+    # the round 1-4 shapes without a cap are in kernels-sweep-2026-11-26-r4.log
     "dense:fwd": [dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                  dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                  dict(ROWS=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                  dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                  dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=4),
                   dict(ROWS=64, BLOCK_N=32, num_warps=4, num_stages=3),
-                  dict(ROWS=128, BLOCK_N=64, num_warps=8, num_stages=2)],
+                  dict(ROWS=128, BLOCK_N=32, num_warps=8, num_stages=3, maxnreg=128),
+                  dict(ROWS=128, BLOCK_N=32, num_warps=8, num_stages=2, maxnreg=128),
+                  dict(ROWS=256, BLOCK_N=16, num_warps=16, num_stages=2, maxnreg=128)],
     # selection.TILE_OVERRIDE: score kernel (ROWS, BJ, num_warps), top-n (top_rows, top_warps)
     "scores": [dict(), dict(ROWS=128, num_warps=8), dict(BJ=32), dict(ROWS=128, BJ=8, num_warps=8),
                dict(num_warps=8), dict(ROWS=32, num_warps=4)],
@@ -391,8 +407,14 @@ def main():
     p.add_argument("--sweep-only", default="", help="comma-separated kernel-name prefixes for --sweep")
     p.add_argument("--prescale-do", type=int, default=1,
                    help="0: dK/dV kernels gate dO themselves instead of reading the dQ kernel's gated copy")
+    p.add_argument("--ab-fwd", type=int, default=0,
+                   help="1: also time the whole forward with the v7 dense forward tiles (fwd_ab_ms; "
+                        "edit V7_FWD_TILES / AB_FWD for other A/Bs)")
     args = p.parse_args()
     import nsa_kernels.dense as dense
+
+    if args.ab_fwd:
+        AB_FWD["v7_tiles"] = V7_FWD_TILES
 
     dense.PRESCALE_DO = bool(args.prescale_do)
     if args.sweep:

@@ -55,3 +55,22 @@ def test_small_tiles_run_unmasked_steps(monkeypatch):
     hp = dict(SMALL_HP, window=37)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     check_nsa([150, 23], 8, 2, 16, 24, hp, torch.float32, device, window_kv=True, seed=13)
+
+
+def test_eight_token_forward_tiles(monkeypatch):
+    """The GPU's dense forward tiles since round 6: 8 tokens x G heads per tile and 32-key
+    steps (a register cap, GPU only, rides along in the override); the window branch's own
+    override (``"win_fwd"``) takes precedence over ``"fwd"`` for that branch."""
+    import nsa_kernels.dense as dense
+
+    over = {"fwd": dict(ROWS=32, BLOCK_N=32, num_warps=8, num_stages=2, maxnreg=128),
+            "win_fwd": dict(ROWS=16, BLOCK_N=16)}
+    monkeypatch.setattr(dense, "TILE_OVERRIDE", over)
+    cmp_cfg = dense.dense_config(4, 16, 32, "fwd", window=False)
+    win_cfg = dense.dense_config(4, 16, 32, "fwd", window=True)
+    assert (cmp_cfg["BLOCK_T"], cmp_cfg["BLOCK_N"], cmp_cfg["num_warps"]) == (8, 32, 8)
+    assert (win_cfg["BLOCK_T"], win_cfg["BLOCK_N"]) == (4, 16)
+    assert ("maxnreg" in cmp_cfg) == (not dense.interpreting())
+    hp = dict(SMALL_HP, window=37)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_nsa([150, 23], 8, 2, 16, 24, hp, torch.float32, device, window_kv=True, seed=17)
