@@ -42,15 +42,22 @@ NEEDLE_DEFAULTS = {
     "n_queries": 1,          # queries per sample: the target's first (the one scored), then distractors'
     "key_alphabet": "letters",  # or "control": one-symbol keys found nowhere else in the sample
     "separator": True,       # "=" between key and value (False: the value follows the key directly)
+    "value_alphabet": "digits",  # or "high": 128 byte values found nowhere else (byte tokenizer)
+    "value_first": False,    # records as "value key" (queries stay "key value"): see NeedleSpec.value_first
+    "compact_queries": False,  # queries after the first as bare "key value" (MQAR-style), no markers
     "loss_on": "all",        # "all" tokens, or "queries": only the labels from the first query marker on
     "key_len": 4,            # lowercase letters per key
     "value_len": 4,          # digits per value
+    "copy_fraction": 0.0,    # share of training samples that are span-copy samples (needle_task.make_copy_sample)
+    "copy_span": 16,         # tokens per copied span of a copy sample
     "train_samples": 16384,  # distinct training samples (epochs repeat beyond this)
     "valid_samples": 64,     # needle validation samples (validation loss during training)
     "data_seed": 7,
     "arms": ["nsa", "full"],
     "eval_lengths": None,    # None: [seq_length]; lengths above the trained one are not native
     "eval_depths": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+    "eval_n_queries": None,  # queries per evaluation sample (None: n_queries); only the first is scored, and
+                             # causally nothing after it matters, so a short tail leaves the context long
     "eval_samples": 32,      # samples per (length, depth) cell
     "eval_batch": 4,
 }
@@ -110,9 +117,31 @@ def load_needle_config(args) -> tuple:
         raise ValueError(f"needle: unknown keys {sorted(unknown)}")
     if needle["loss_on"] not in ("all", "queries"):
         raise ValueError(f"needle.loss_on={needle['loss_on']!r}: must be 'all' or 'queries'")
+    from nsa_tools.needle_task import KEY_ALPHABETS, VALUE_ALPHABETS
+
+    for key, allowed in (("key_alphabet", KEY_ALPHABETS), ("value_alphabet", VALUE_ALPHABETS)):
+        if needle[key] not in allowed:
+            raise ValueError(f"needle.{key}={needle[key]!r}: must be one of {sorted(allowed)}")
+    if not isinstance(needle["copy_fraction"], (int, float)) or not 0.0 <= needle["copy_fraction"] < 1.0:
+        raise ValueError(f"needle.copy_fraction={needle['copy_fraction']!r}: must be a number in [0, 1)")
+    if needle["eval_n_queries"] is not None and (not isinstance(needle["eval_n_queries"], int)
+                                                 or needle["eval_n_queries"] < 1):
+        raise ValueError(f"needle.eval_n_queries={needle['eval_n_queries']!r}: must be null or an integer >= 1")
+    if not isinstance(needle["copy_span"], int) or needle["copy_span"] < 2:
+        raise ValueError(f"needle.copy_span={needle['copy_span']!r}: must be an integer >= 2")
     out_dir = Path(args.out_dir or X.REPO / "runs" / f"needle_{stem}")
     report_dir = Path(args.report_dir or (out_dir if args.smoke else X.REPO / "benchmarks"))
     return raw, needle, out_dir, report_dir
+
+
+SPEC_KEYS = ("n_pairs", "key_len", "value_len", "n_queries", "key_alphabet", "separator", "value_alphabet",
+             "value_first", "compact_queries")
+"""The ``needle:`` settings that shape a sample (the fields of ``NeedleSpec`` but its length)."""
+
+
+def needle_spec(seq_length: int, needle: dict) -> NeedleSpec:
+    """The sample shape of ``needle`` settings at ``seq_length`` tokens (training and evaluation alike)."""
+    return NeedleSpec(seq_length, **{k: needle[k] for k in SPEC_KEYS})
 
 
 def _cache_dir(data_section: dict) -> str:
@@ -129,20 +158,22 @@ def stage_data(train_cfg: dict, needle: dict, out_dir: Path) -> Dict[str, str]:
     d = train_cfg.get("data", {})
     seq = int(d.get("seq_length", 256))
     tok_name = d.get("tokenizer", "byte")
-    spec = NeedleSpec(seq, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"],
-                      needle["separator"])
+    spec = needle_spec(seq, needle)
     data_dir = out_dir / "data"
     prefixes = {"train": str(data_dir / f"needle_{seq}_train"), "valid": str(data_dir / f"needle_{seq}_valid")}
     stamp = data_dir / "dataset.json"
     want = {"spec": spec.__dict__, "train_samples": needle["train_samples"],
-            "valid_samples": needle["valid_samples"], "seed": needle["data_seed"], "tokenizer": tok_name}
+            "valid_samples": needle["valid_samples"], "seed": needle["data_seed"], "tokenizer": tok_name,
+            "copy_fraction": needle["copy_fraction"], "copy_span": needle["copy_span"]}
     if stamp.is_file() and json.loads(stamp.read_text()).get("settings") == want:
         return prefixes
     tok = load_tokenizer(tok_name)
     corpus_train, corpus_valid = ensure_corpus(_cache_dir(d), tok_name, float(d.get("corpus_max_mb", 4.0)))
     stats = {
         "train": write_needle_dataset(prefixes["train"], needle["train_samples"], spec,
-                                      corpus_tokens(corpus_train), tok, needle["data_seed"]),
+                                      corpus_tokens(corpus_train), tok, needle["data_seed"],
+                                      copy_fraction=float(needle["copy_fraction"]),
+                                      copy_span=int(needle["copy_span"])),
         "valid": write_needle_dataset(prefixes["valid"], needle["valid_samples"], spec,
                                       corpus_tokens(corpus_valid), tok, needle["data_seed"] + 1),
     }
@@ -193,8 +224,7 @@ def accuracy_grid(model, tokenizer, needle: dict, lengths: List[int], filler: np
     tok_acc = np.zeros_like(acc)
     n, bs = int(needle["eval_samples"]), int(needle["eval_batch"])
     for li, length in enumerate(lengths):
-        spec = NeedleSpec(length, needle["n_pairs"], needle["key_len"], needle["value_len"], needle["n_queries"], needle["key_alphabet"],
-                      needle["separator"])
+        spec = needle_spec(length, {**needle, "n_queries": needle["eval_n_queries"] or needle["n_queries"]})
         for di, depth in enumerate(depths):
             samples = list(sample_stream(n, spec, filler, tokenizer, seed + 1000 * li + di, depths=[depth]))
             hits = tok_hits = tok_total = 0
