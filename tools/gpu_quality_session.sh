@@ -6,8 +6,8 @@
 #   bash tools/gpu_quality_session.sh start   # GPU model test, per-kernel profile, start the experiments
 #   bash tools/gpu_quality_session.sh wait N  # wait up to N s (or until all finish), collect
 # Experiments, in order (QUALITY_EXPERIMENTS picks a subset): lm (configs/quality_lm_small.yaml,
-# nsa vs full, + selection plot), needle4k, needle16k. SKIP_START_CHECKS=1 skips the GPU
-# model test and the kernel profile of 'start'.
+# nsa vs full, + selection plot), needle4k, needle16k (NEEDLE_ARMS=full, say, trains one arm).
+# SKIP_START_CHECKS=1 skips the GPU model test and the kernel profile of 'start'.
 set -o pipefail
 source tools/device_env.sh
 WORK=/tmp/quality
@@ -27,15 +27,15 @@ start)
     mkdir -p "$WORK/logs"
     # each call replaces the carried checkout: the experiments run from their own copy
     rm -rf "$WORK/repo" && cp -r "$PWD" "$WORK/repo" && cd "$WORK/repo" && NSA_PKGS=$WORK/pkgs source tools/device_env.sh
-    export NSA_COMMIT REPORTS WORK QUALITY_EXPERIMENTS
+    export NSA_COMMIT REPORTS WORK QUALITY_EXPERIMENTS NEEDLE_ARMS
     setsid nohup bash -c '
         set -x
         for e in ${QUALITY_EXPERIMENTS:-lm needle4k needle16k}; do case $e in
         lm) python3 tools/quality_lm.py --config configs/quality_lm_small.yaml --report-dir $REPORTS > $WORK/logs/lm.log 2>&1
             python3 tools/plot_selection.py --load runs/quality_lm/nsa/checkpoints --text-file nsa_megatron/attention.py \
                 --out $REPORTS/selection-lm.png --json $REPORTS/selection-lm.json > $WORK/logs/plot.log 2>&1 ;;
-        needle4k) python3 tools/needle.py --config configs/needle_nsa_4k.yaml --tag 4k --report-dir $REPORTS > $WORK/logs/needle4k.log 2>&1 ;;
-        needle16k) python3 tools/needle.py --config configs/needle_nsa_16k.yaml --tag 16k --report-dir $REPORTS > $WORK/logs/needle16k.log 2>&1 ;;
+        needle4k) python3 tools/needle.py --config configs/needle_nsa_4k.yaml --arms ${NEEDLE_ARMS:-nsa,full} --tag 4k --report-dir $REPORTS > $WORK/logs/needle4k.log 2>&1 ;;
+        needle16k) python3 tools/needle.py --config configs/needle_nsa_16k.yaml --arms ${NEEDLE_ARMS:-nsa,full} --tag 16k --report-dir $REPORTS > $WORK/logs/needle16k.log 2>&1 ;;
         esac; done
         echo ALL-DONE
     ' > "$WORK/logs/driver.log" 2>&1 < /dev/null &
