@@ -35,16 +35,16 @@ class _CPAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kc, vc, ks, vs, kw, vw, gates, o_cmp, lse_cmp, blocks, meta):
-        from nsa_kernels.combine import combine_fwd
         from nsa_kernels.dense import dense_attention_fwd
         from nsa_kernels.selected import selected_attention_fwd
 
         lay_c, lay_s, lay_w, hp, scale, shared = meta
         o_slc, lse_slc = selected_attention_fwd(q, ks, vs, blocks, lay_s.varlen(), lay_s.k_cu_dev(),
                                                 slc_block=hp.slc_block, scale=scale)
-        o_win, lse_win = dense_attention_fwd(q, kw, vw, lay_w.varlen(), lay_w.k_cu_dev(), key_stride=1,
-                                             key_offset=0, window=hp.window, scale=scale)
-        o = combine_fwd(o_cmp, o_slc, o_win, gates)
+        # the window kernel also writes the gated sum of the three branches
+        o_win, lse_win, o = dense_attention_fwd(q, kw, vw, lay_w.varlen(), lay_w.k_cu_dev(), key_stride=1,
+                                                key_offset=0, window=hp.window, scale=scale,
+                                                combine=(o_cmp, o_slc, gates))
         ctx.save_for_backward(q, kc, vc, ks, vs, kw, vw, gates, blocks, o_cmp, o_slc, o_win, lse_cmp, lse_slc,
                               lse_win)
         ctx.meta = meta
@@ -52,24 +52,26 @@ class _CPAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from nsa_kernels.combine import combine_bwd
         from nsa_kernels.dense import dense_attention_bwd
         from nsa_kernels.selected import selected_attention_bwd
+        from nsa_kernels.varlen import new_empty
 
         q, kc, vc, ks, vs, kw, vw, gates, blocks, o_cmp, o_slc, o_win, lse_c, lse_s, lse_w = ctx.saved_tensors
         lay_c, lay_s, lay_w, hp, scale, shared = ctx.meta
         do = do.contiguous()
-        dgates, delta = combine_bwd(do, o_cmp, o_slc, o_win, gates)
-        dq, dkc, dvc = dense_attention_bwd(q, kc, vc, do, lse_c, delta[0], lay_c.varlen(), lay_c.k_cu_dev(),
+        # each branch's dQ kernel writes its gate gradient and delta (``fuse``), as in the one-GPU path
+        dgates = new_empty(*gates.shape, dtype=gates.dtype, device=gates.device)
+        dq, dkc, dvc = dense_attention_bwd(q, kc, vc, do, lse_c, None, lay_c.varlen(), lay_c.k_cu_dev(),
                                            key_stride=hp.cmp_stride, key_offset=hp.cmp_block - 1, window=0,
-                                           scale=scale, gate=gates[:, :, 0])
-        _, dks, dvs = selected_attention_bwd(q, ks, vs, do, lse_s, delta[1], blocks, lay_s.varlen(),
+                                           scale=scale, gate=gates[:, :, 0], fuse=(o_cmp, dgates[:, :, 0]))
+        _, dks, dvs = selected_attention_bwd(q, ks, vs, do, lse_s, None, blocks, lay_s.varlen(),
                                              lay_s.k_cu_dev(), slc_block=hp.slc_block, scale=scale,
-                                             gate=gates[:, :, 1], dq_acc=dq)
+                                             gate=gates[:, :, 1], dq_acc=dq, fuse=(o_slc, dgates[:, :, 1]))
         acc = (dks, dvs) if shared else (None, None)
-        _, dkw, dvw = dense_attention_bwd(q, kw, vw, do, lse_w, delta[2], lay_w.varlen(), lay_w.k_cu_dev(),
+        _, dkw, dvw = dense_attention_bwd(q, kw, vw, do, lse_w, None, lay_w.varlen(), lay_w.k_cu_dev(),
                                           key_stride=1, key_offset=0, window=hp.window, scale=scale,
-                                          gate=gates[:, :, 2], dq_acc=dq, dk_acc=acc[0], dv_acc=acc[1])
+                                          gate=gates[:, :, 2], dq_acc=dq, dk_acc=acc[0], dv_acc=acc[1],
+                                          fuse=(o_win, dgates[:, :, 2]))
         win = (None, None) if shared else (dkw.to(kw.dtype), dvw.to(vw.dtype))
         return (dq.to(q.dtype), dkc.to(kc.dtype), dvc.to(vc.dtype), dks.to(ks.dtype), dvs.to(vs.dtype), *win,
                 dgates, None, None, None, None)
