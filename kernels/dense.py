@@ -45,7 +45,6 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
     num_stages, maxnreg: the register cap per thread, GPU only) replaces them, for the
     benchmark's sweep and for tests of the tile loops (``TILE_OVERRIDE["win_fwd"]``, when
     present, replaces ``"fwd"`` for the window branch)."""
-    maxnreg = None
     if interpreting():
         rows, block_n, warps, stages = max(128, g_pad), 64, 4, 1
     else:
@@ -67,9 +66,7 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
     if kernel == "fwd" and window and "win_fwd" in TILE_OVERRIDE:
         o = TILE_OVERRIDE["win_fwd"]
     rows = max(o.get("ROWS", rows), g_pad)
-    if "ROWS" in o or "num_warps" in o:  # an override shape sets its own register cap
-        maxnreg = None
-    maxnreg = o.get("maxnreg", maxnreg)
+    maxnreg = o.get("maxnreg")
     cfg = dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=o.get("BLOCK_N", block_n),
                num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
     if maxnreg and not interpreting():
@@ -230,13 +227,13 @@ def _load_dq_rows(Q, DO, LSE, DELTA, GATE, OB, DGATE, DOG, qrow, row_ok, gate_st
     STORE_DOG, the gated dO rows (as the dK/dV kernel would round them) to DOG, so that
     kernel reads them ungated."""
     if FUSE:
-        dq = tl.arange(0, DQK_P)
+        # the ungated rows (delta is not read: this kernel writes it)
+        q, do, lse2, _ = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
+                                        DQK, DV, DQK_P, DV_P, False)
         dv = tl.arange(0, DV_P)
-        q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
-                    mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
         o_offs = qrow[:, None] * DV + dv[None, :]
         o_msk = row_ok[:, None] & (dv[None, :] < DV)
-        do = tl.load(DO + o_offs, mask=o_msk, other=0.0).to(tl.float32)
+        do = do.to(tl.float32)
         r = tl.sum(do * tl.load(OB + o_offs, mask=o_msk, other=0.0).to(tl.float32), 1)
         tl.store(DGATE + qrow * dgate_stride, r.to(DGATE.dtype.element_ty), mask=row_ok)
         gate = tl.load(GATE + qrow * gate_stride, mask=row_ok, other=0.0).to(tl.float32)
@@ -245,8 +242,6 @@ def _load_dq_rows(Q, DO, LSE, DELTA, GATE, OB, DGATE, DOG, qrow, row_ok, gate_st
         do = (do * gate[:, None]).to(q.dtype)
         if STORE_DOG:
             tl.store(DOG + o_offs, do, mask=o_msk)
-        lse = tl.load(LSE + qrow, mask=row_ok, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     else:
         q, do, lse2, delta = _load_bwd_rows(Q, DO, LSE, DELTA, GATE, qrow, row_ok, gate_stride,
                                             DQK, DV, DQK_P, DV_P, HAS_GATE)
