@@ -117,7 +117,7 @@ def _fwd_stages(fwd) -> dict:
         fwd()
         torch.cuda.synchronize()
     out = {"syncs": 0}
-    families = ("_dense_fwd", "_block_scores", "_top_blocks", "_slc_fwd", "_combine_fwd", "nccl", "gemm", "index",
+    families = ("_dense_fwd", "_block_scores", "_top_blocks", "_slc_fwd", "nccl", "gemm", "index",
                 "cat", "elementwise", "scatter", "reduce")
     for e in prof.key_averages():
         name = e.key
