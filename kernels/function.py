@@ -15,6 +15,7 @@ import itertools
 import torch
 
 from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
+from .host_cache import remember_host
 from .layout import num_compressed
 from .selected import selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks_triton
@@ -23,12 +24,16 @@ from .varlen import Varlen, new_empty, to_device
 
 def _compressed_cu(layout: Varlen, cmp_block: int, cmp_stride: int) -> torch.Tensor:
     """int32 [N+1] compressed-token boundaries on the device, planned from the host lengths
-    (registered with ``layout``, so no launcher reads them back)."""
-    counts = [num_compressed(n, cmp_block, cmp_stride) for n in layout.lens]
-    bounds = [0, *itertools.accumulate(counts)]
-    kc_cu = to_device(torch.tensor(bounds, dtype=torch.int32), layout.device)
-    layout.register_keys(kc_cu, bounds)
-    return kc_cu
+    (registered with ``layout``, so no launcher reads them back; kept in the layout's cache,
+    so a layout shared by several calls plans them once)."""
+    def build():
+        counts = [num_compressed(n, cmp_block, cmp_stride) for n in layout.lens]
+        bounds = [0, *itertools.accumulate(counts)]
+        kc_cu = to_device(torch.tensor(bounds, dtype=torch.int32), layout.device)
+        layout.register_keys(kc_cu, bounds)
+        return kc_cu
+
+    return layout.cached(("kc_cu", cmp_block, cmp_stride), build)
 
 
 def _grad_out(x: torch.Tensor):
@@ -122,7 +127,8 @@ def nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens, *, cmp_block:
         o [T, HQ, Dv] in q's dtype; with ``return_block_indices`` also int32 [T, HKV, topk].
     """
     if cu_seqlens is None:
-        cu_seqlens = to_device(torch.tensor([0, q.shape[0]], dtype=torch.int32), q.device)
+        cu_seqlens = remember_host(to_device(torch.tensor([0, q.shape[0]], dtype=torch.int32),
+                                             q.device), [0, q.shape[0]])
     if interpreting() and any(t is not None and t.dtype == torch.bfloat16
                               for t in (q, k, v, k_cmp, v_cmp, k_win, v_win)):
         from .interpreter import enable_interpreter_bf16_dot

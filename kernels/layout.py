@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from .host_cache import host_list, memo_on, remember_host
+from .varlen import to_device
+
 __all__ = [
     "num_compressed",
     "compressed_cu_seqlens",
@@ -28,7 +31,7 @@ def num_compressed(seq_len: int, cmp_block: int, cmp_stride: int) -> int:
 
 def seqlens_from_cu(cu_seqlens: torch.Tensor) -> list[int]:
     """Host list of sequence lengths ``[L_0, ..., L_{N-1}]`` from ``cu_seqlens`` [N+1]."""
-    bounds = cu_seqlens.tolist()
+    bounds = host_list(cu_seqlens)
     return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -39,12 +42,16 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: 
         cu_seqlens: int32/int64 [N+1] token boundaries.
     Returns:
         int32 [N+1] on the same device: row ranges of each sequence in ``k_cmp``/``v_cmp``.
+        Remembered on ``cu_seqlens`` (host_cache): treat it as read-only.
     """
-    counts = [num_compressed(n, cmp_block, cmp_stride) for n in seqlens_from_cu(cu_seqlens)]
-    out = torch.zeros(len(counts) + 1, dtype=torch.int32)
-    if counts:
-        out[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(torch.int32)
-    return out.to(cu_seqlens.device)
+    def build():
+        counts = [num_compressed(n, cmp_block, cmp_stride) for n in seqlens_from_cu(cu_seqlens)]
+        out = torch.zeros(len(counts) + 1, dtype=torch.int32)
+        if counts:
+            out[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(torch.int32)
+        return remember_host(to_device(out, cu_seqlens.device), out.tolist())
+
+    return memo_on(cu_seqlens, ("compressed_cu", cmp_block, cmp_stride), build)
 
 
 def compressed_positions(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
@@ -55,12 +62,16 @@ def compressed_positions(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: i
     Args:
         cu_seqlens: int32/int64 [N+1].
     Returns:
-        int64 [Tc] on the same device, packed like ``k_cmp``.
+        int64 [Tc] on the same device, packed like ``k_cmp``. Remembered on ``cu_seqlens``
+        (host_cache): treat it as read-only.
     """
-    pieces = [
-        torch.arange(num_compressed(n, cmp_block, cmp_stride), dtype=torch.int64) * cmp_stride + cmp_block - 1
-        for n in seqlens_from_cu(cu_seqlens)
-    ]
-    if not pieces:
-        return torch.zeros(0, dtype=torch.int64, device=cu_seqlens.device)
-    return torch.cat(pieces).to(cu_seqlens.device)
+    def build():
+        pieces = [
+            torch.arange(num_compressed(n, cmp_block, cmp_stride), dtype=torch.int64) * cmp_stride + cmp_block - 1
+            for n in seqlens_from_cu(cu_seqlens)
+        ]
+        if not pieces:
+            return torch.zeros(0, dtype=torch.int64, device=cu_seqlens.device)
+        return to_device(torch.cat(pieces), cu_seqlens.device)
+
+    return memo_on(cu_seqlens, ("compressed_positions", cmp_block, cmp_stride), build)

@@ -11,7 +11,9 @@ from typing import Optional
 
 import torch
 
+from .host_cache import host_list, memo_on, remember_host
 from .layout import compressed_cu_seqlens, num_compressed, seqlens_from_cu
+from .varlen import to_device
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -84,7 +86,7 @@ def _check_tensor(name: str, x, ndim: int, device: torch.device, dtype: torch.dt
 
 def _normalise_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, device: torch.device) -> torch.Tensor:
     if cu_seqlens is None:
-        return torch.tensor([0, total], dtype=torch.int32, device=device)
+        return remember_host(to_device(torch.tensor([0, total], dtype=torch.int32), device), [0, total])
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -93,16 +95,18 @@ def _normalise_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, device
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    host = cu_seqlens.detach().to("cpu", torch.int64)
-    if host[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {host[0].item()}")
-    if host[-1].item() != total:
-        raise ValueError(f"cu_seqlens must end at T={total} (q.shape[0]), got {host[-1].item()}")
-    if bool((host[1:] < host[:-1]).any()):
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {host.tolist()}")
+    host = host_list(cu_seqlens)
+    if host[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {host[0]}")
+    if host[-1] != total:
+        raise ValueError(f"cu_seqlens must end at T={total} (q.shape[0]), got {host[-1]}")
+    if any(b < a for a, b in zip(host[:-1], host[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {host}")
     if total >= 2**31:
         raise ValueError(f"cu_seqlens: T={total} does not fit the int32 boundaries the spec prescribes")
-    return cu_seqlens.to(torch.int32)
+    if cu_seqlens.dtype == torch.int32:
+        return cu_seqlens
+    return memo_on(cu_seqlens, "int32", lambda: remember_host(cu_seqlens.to(torch.int32), host))
 
 
 def validate_nsa_inputs(
@@ -154,7 +158,7 @@ def validate_nsa_inputs(
 
     cu = _normalise_cu_seqlens(cu_seqlens, total, device)
     cu_cmp = compressed_cu_seqlens(cu, hp.cmp_block, hp.cmp_stride)
-    num_cmp = int(cu_cmp[-1].item())
+    num_cmp = host_list(cu_cmp)[-1]
     _check_tensor("k_cmp", k_cmp, 3, device, dtype)
     if tuple(k_cmp.shape) != (num_cmp, num_kv_heads, dqk):
         raise ValueError(

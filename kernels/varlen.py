@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .host_cache import host_list, memo_on, remember_host
+
 
 def next_pow2(x: int) -> int:
     """Smallest power of two >= max(x, 1)."""
@@ -39,11 +41,19 @@ class Varlen:
     def build(cls, q_cu: torch.Tensor, q_pos0: torch.Tensor | None = None) -> "Varlen":
         """Layout from query boundaries ``q_cu`` (int32 [N+1]) and optional first positions.
 
-        Reads ``q_cu`` (and ``q_pos0`` when given) to the host once; nothing after that waits
-        for the device."""
+        Reads ``q_cu`` (and ``q_pos0`` when given) to the host once per tensor version
+        (``host_cache``); nothing after that waits for the device. Without ``q_pos0`` the
+        layout itself, with every plan it caches, is remembered on ``q_cu``, so the layers
+        sharing one ``cu_seqlens`` plan once."""
         if q_cu.dim() != 1 or q_cu.numel() < 2:
             raise ValueError("q_cu must be a 1-D tensor with at least two entries")
-        bounds = q_cu.detach().tolist()
+        if q_pos0 is None:
+            return memo_on(q_cu, "varlen", lambda: cls._build(q_cu, None))
+        return cls._build(q_cu, q_pos0)
+
+    @classmethod
+    def _build(cls, q_cu: torch.Tensor, q_pos0: torch.Tensor | None) -> "Varlen":
+        bounds = host_list(q_cu)
         lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         if any(n < 0 for n in lens):
             raise ValueError("q_cu must be non-decreasing")
@@ -51,11 +61,12 @@ class Varlen:
             pos0 = [0] * len(lens)
             q_pos0 = torch.zeros(len(lens), dtype=torch.int32, device=q_cu.device)
         else:
-            pos0 = q_pos0.detach().tolist()
+            pos0 = host_list(q_pos0)
         if len(pos0) != len(lens) or any(p < 0 for p in pos0):
             raise ValueError("q_pos0 must hold one non-negative position per sequence")
         layout = cls(q_cu.to(torch.int32).contiguous(),
                      q_pos0.to(q_cu.device, torch.int32).contiguous(), lens, pos0)
+        remember_host(layout.q_cu, bounds)
         layout.register_keys(layout.q_cu, bounds)
         return layout
 
@@ -71,6 +82,12 @@ class Varlen:
     def max_end(self) -> int:
         """Largest query position + 1 over all sequences (0 when there are no queries)."""
         return max((p + n for p, n in zip(self.pos0, self.lens) if n > 0), default=0)
+
+    def cached(self, key, build):
+        """``build()``, computed once per layout and ``key`` (plans derived from the layout)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def tiles_host(self, block: int) -> torch.Tensor:
         """int32 CPU [num_tiles, 2]: (sequence, first row within the sequence) of each tile of
@@ -115,7 +132,7 @@ class Varlen:
         """Host list of ``k_cu`` (registered, else read back once and remembered)."""
         entry = self._cache.get(("k_cu", id(k_cu)))
         if entry is None or entry[0] is not k_cu:
-            self.register_keys(k_cu, k_cu.tolist())
+            self.register_keys(k_cu, host_list(k_cu))
             entry = self._cache[("k_cu", id(k_cu))]
         return entry[1]
 

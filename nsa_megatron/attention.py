@@ -24,6 +24,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from nsa_kernels.host_cache import host_list
 from nsa_megatron.compat import yarn_mscale
 from nsa_megatron.config import NSAConfig
 from nsa_megatron.dense_attention import packed_cu_seqlens
@@ -272,7 +273,7 @@ def _check_pack(cu_seqlens: torch.Tensor, local_tokens: int, cp: int) -> None:
     """
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"packed_seq_params: cu_seqlens must be 1-D [N+1], got shape {tuple(cu_seqlens.shape)}")
-    bounds = [int(x) for x in cu_seqlens.tolist()]
+    bounds = host_list(cu_seqlens)
     if bounds[0] != 0 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"packed_seq_params: cu_seqlens must start at 0 and be non-decreasing, got {bounds}")
     if bounds[-1] != local_tokens * cp:

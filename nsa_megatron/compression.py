@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nsa_kernels.host_cache import host_list, memo_on
 from nsa_kernels.layout import num_compressed
 from nsa_kernels.varlen import to_device
 
@@ -47,14 +48,15 @@ def compression_block_index(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride
         int64 [Tc, l] on cu_seqlens' device: row c lists the packed positions of the l tokens
         compressed token c summarises (tokens [i*d, i*d + l) of its sequence).
     """
-    return _block_index(cu_seqlens.tolist(), cmp_block, cmp_stride).to(cu_seqlens.device)
+    return _block_index(host_list(cu_seqlens), cmp_block, cmp_stride).to(cu_seqlens.device)
 
 
 def _pack_bounds(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> list:
-    """Host pack boundaries of ``x`` [T, HKV, D] (the one read-back of a compressor call)."""
+    """Host pack boundaries of ``x`` [T, HKV, D] (read back once per ``cu_seqlens`` tensor
+    version and remembered on it, so the layers sharing it do not wait for the device)."""
     if x.dim() != 3:
         raise ValueError(f"x must be [T, HKV, D], got shape {tuple(x.shape)}")
-    bounds = [0, x.shape[0]] if cu_seqlens is None else cu_seqlens.tolist()
+    bounds = [0, x.shape[0]] if cu_seqlens is None else host_list(cu_seqlens)
     if bounds[-1] != x.shape[0]:
         raise ValueError(f"cu_seqlens must end at T={x.shape[0]}, got {bounds[-1]}")
     if bounds[0] != 0:
@@ -66,14 +68,29 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda if USE_KERNELS is None else USE_KERNELS
 
 
+def _block_plan(bounds: list, cu_seqlens: Optional[torch.Tensor], cmp_block: int, cmp_stride: int,
+                device):
+    """The gather kernels' BlockPlan of a pack, remembered on ``cu_seqlens`` when given."""
+    from nsa_kernels.blocks import BlockPlan
+
+    def build():
+        return BlockPlan.build(bounds, cmp_block, cmp_stride, device)
+
+    if cu_seqlens is None:
+        return build()
+    return memo_on(cu_seqlens, ("block_plan", cmp_block, cmp_stride, str(device)), build)
+
+
 def _flat_blocks(x: torch.Tensor, bounds: list, pos: torch.Tensor, cmp_block: int,
-                 cmp_stride: int) -> torch.Tensor:
-    """Blocks + position embedding ``pos`` [HKV, l, D], head-major: [HKV, Tc, l*D] in x's dtype."""
+                 cmp_stride: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Blocks + position embedding ``pos`` [HKV, l, D], head-major: [HKV, Tc, l*D] in x's dtype
+    (``bounds``: host pack boundaries; ``cu_seqlens``: their device tensor, if any)."""
     pos = pos.to(x.dtype)
     if _use_kernels(x):
-        from nsa_kernels.blocks import BlockPlan, gather_blocks
+        from nsa_kernels.blocks import gather_blocks
 
-        return gather_blocks(x.contiguous(), pos, BlockPlan.build(bounds, cmp_block, cmp_stride, x.device))
+        plan = _block_plan(bounds, cu_seqlens, cmp_block, cmp_stride, x.device)
+        return gather_blocks(x.contiguous(), pos, plan)
     blocks = x[to_device(_block_index(bounds, cmp_block, cmp_stride), x.device)] + pos.transpose(0, 1)
     return blocks.permute(2, 0, 1, 3).flatten(2)  # [Tc, l, HKV, D] -> [HKV, Tc, l*D]
 
@@ -103,7 +120,8 @@ class _PerHeadCompressor(nn.Module):
 
     def _flat_blocks(self, x, cu_seqlens, pos):
         """[HKV, Tc, l*D]: every block of ``x`` plus ``pos`` [HKV, l, D], head-major."""
-        return _flat_blocks(x, self._bounds(x, cu_seqlens), pos, self.cmp_block, self.cmp_stride)
+        return _flat_blocks(x, self._bounds(x, cu_seqlens), pos, self.cmp_block, self.cmp_stride,
+                            cu_seqlens)
 
 
 class MeanCompressor(_PerHeadCompressor):

@@ -16,6 +16,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nsa_kernels.host_cache import host_list
+
 __all__ = ["SDPACoreAttention", "packed_cu_seqlens"]
 
 
@@ -121,7 +123,7 @@ class SDPACoreAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             if query.dim() == 4:  # [t, 1, h, d]
                 query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
-            bounds = packed_cu_seqlens(packed_seq_params).tolist()
+            bounds = host_list(packed_cu_seqlens(packed_seq_params))
             if bounds[-1] != query.shape[0]:
                 raise ValueError(
                     f"packed_seq_params: cu_seqlens ends at {bounds[-1]}, the pack has {query.shape[0]} tokens"

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
+from nsa_kernels.host_cache import host_list
 from nsa_kernels.validation import NSAHyperParams
 
 from .allgather import allgather_attention
@@ -36,20 +36,12 @@ def _check(name: str, x, rows: int, heads: Optional[int], ref: torch.Tensor, las
         raise ValueError(f"{name} is {x.dtype} on {x.device}, q is {ref.dtype} on {ref.device}")
 
 
-_LAST_CU: list = [None, -1, None]  # weakref to the last device cu_seqlens, its version, its host copy
 
 
 def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     """Host copy of ``cu_seqlens``; a device tensor is read once for all the layers that share it
     (Megatron passes one tensor per micro-batch), saving a synchronisation per layer."""
-    if cu_seqlens.device.type == "cpu":
-        return [int(b) for b in cu_seqlens.tolist()]
-    ref, version, bounds = _LAST_CU
-    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
-        return list(bounds)
-    bounds = [int(b) for b in cu_seqlens.tolist()]
-    _LAST_CU[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
-    return list(bounds)
+    return host_list(cu_seqlens)
 
 
 def _global_cu(cu_seqlens: Optional[torch.Tensor], local: int, cp: int) -> list[int]:

@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from nsa_kernels.host_cache import host_list
+
 __all__ = ["Segment", "ZigzagLayout", "zigzag_split", "zigzag_merge", "zigzag_positions"]
 
 
@@ -86,7 +88,7 @@ class ZigzagLayout:
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, cp: int) -> "ZigzagLayout":
         """Layout from global boundaries ``cu_seqlens`` (int [N+1], last = total tokens)."""
-        bounds = cu_seqlens.tolist()
+        bounds = host_list(cu_seqlens)
         return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], cp)
 
     def owners(self, seq: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
