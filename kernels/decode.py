@@ -22,13 +22,23 @@ them. Five launches:
    the heads and writes one int64 key per block: (fp32 score bits << 32) | reversed block
    index, forced blocks scored +inf and invisible ones -1, so one integer max is an arg-max
    with ties to the lower block.
-3. ``_topk`` (B, HKV): n integer max-reductions over the NB_P keys; the chosen blocks are
-   written ascending, -1 padded.
-4. ``_slc_win_partial`` (B, HKV, NSP + NWP): the first NSP programs of a group each take
-   PPP selection slots, the last NWP each take PPP window pieces of l' tokens (online softmax
+3. ``_topk`` (B, HKV): a bitonic top-n of the NB_P keys (or n integer max-reductions, see
+   TOPK_BITONIC); the chosen blocks are written ascending, -1 padded.
+4. ``_slc_win_partial`` (B, HKV, NWP + NSP): the first NWP programs of a group each take
+   PPP window pieces of l' tokens, the last NSP each take PPP selection slots (online softmax
    over them).
 5. ``_combine`` (B, HQ): one program per query head merges its S + NSP + NWP partials
    branch by branch and applies the gates.
+
+On sm_90+ launches 2-5 are programmatic dependent launches (PDL): each kernel lets its
+successor's programs start once its own last reads are issued (``_signal``), and the
+successor does its input-only prologue (program ids, lengths, q, gates, address math; the
+window programs of launch 4 their whole attention) before ``gdc_wait``, which returns when
+the predecessor has finished and its writes are visible. Every program of launches 2-5
+reaches ``gdc_wait``, so each launch ends after all earlier ones; the only stores before a
+wait (the window partials) go to scratch slots no earlier launch of the step touches.
+Launch 1 is a plain launch (it follows foreign work and overwrites the previous step's
+scratch) and launch 5 signals no one (a following kernel must not overlap its reads).
 
 S and PPP follow the SM count (one wave of compressed splits, enough selection programs to
 fill the GPU, few partials to merge). Scratch per group: S + NSP + NWP partials, A [G_PAD,
@@ -44,6 +54,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .dense import interpreting
 from .varlen import new_empty, next_pow2
@@ -57,6 +68,25 @@ BLOCK_J = 128  # _block_scores: blocks per program at G_PAD = 16
 CMP_TILE = 64  # _cmp_partial: compressed tokens per tile (rounded to whole selection blocks)
 CMP_STAGES = 3  # _cmp_partial: software-pipeline depth of its K/V loads
 TOPK_KEYS_PER_THREAD = 8  # _topk: keys per thread of its n serial max-reductions (more warps: no faster)
+TOPK_BITONIC = 1  # _topk: one bitonic top-n sort (0: n serial max-reductions; same blocks, ~1.4 us slower)
+PDL = 1  # launches 2-5 as programmatic dependent launches on sm_90+ (0: plain launches)
+PDL_ENTRY_MASK = 0  # bit i set: launch i (0 cmp, 1 scores, 2 top-n, 3 selected/window) lets its successor
+#                     start at its entry (all: ~4 us faster at B=32, slower at B=8); clear: after its last reads
+
+
+@triton.jit
+def _signal(SIGNAL: tl.constexpr, WHERE: tl.constexpr):
+    """Lets the next launch start (its programs run up to their gdc_wait) if this is the place
+    SIGNAL chose: 2 a kernel's entry, 1 after its last reads, 0 never (no PDL)."""
+    if SIGNAL == WHERE:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait(PDL: tl.constexpr):
+    """Blocks until the previous launch has finished and its writes are visible (PDL launches only)."""
+    if PDL > 0:
+        gdc_wait()
 
 
 @triton.jit
@@ -65,7 +95,8 @@ def _cmp_partial(Q, KC, VC, LEN, SCR_M, SCR_L, SCR_A, BLK_A, BLK_M, BLK_E, qk_sc
                  G: tl.constexpr, G_PAD: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                  DQK_P: tl.constexpr, DV_P: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
                  SBLOCK: tl.constexpr, LCAP: tl.constexpr, BLOCK_C: tl.constexpr, TB: tl.constexpr,
-                 TB_P: tl.constexpr):
+                 TB_P: tl.constexpr, SIGNAL: tl.constexpr):
+    _signal(SIGNAL, 2)
     b = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -118,6 +149,7 @@ def _cmp_partial(Q, KC, VC, LEN, SCR_M, SCR_L, SCR_A, BLK_A, BLK_M, BLK_E, qk_sc
                  mask=jj[None, :] < TB)
         tl.store(BLK_M + (bg * NTA + tile) * G_PAD + hh, m_safe)
         tl.store(BLK_E + (bg * NTA + tile) * G_PAD + hh, tl.sum(p * ws[None, :], 1))
+    _signal(SIGNAL, 1)
     part = (bg * NPT + s) * G_PAD + hh
     tl.store(SCR_M + part, m_i)
     tl.store(SCR_L + part, l_i)
@@ -128,7 +160,9 @@ def _cmp_partial(Q, KC, VC, LEN, SCR_M, SCR_L, SCR_A, BLK_A, BLK_M, BLK_E, qk_sc
 def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT, NBA, NTA,
                   G: tl.constexpr, G_PAD: tl.constexpr, CBLOCK: tl.constexpr, CSTRIDE: tl.constexpr,
                   SBLOCK: tl.constexpr, LCAP: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr,
-                  TB: tl.constexpr, S_P: tl.constexpr, NB_P: tl.constexpr, BJ: tl.constexpr):
+                  TB: tl.constexpr, S_P: tl.constexpr, NB_P: tl.constexpr, BJ: tl.constexpr, PDL: tl.constexpr,
+                  SIGNAL: tl.constexpr):
+    _signal(SIGNAL, 2)
     b = tl.program_id(0)
     g = tl.program_id(1)
     pj = tl.program_id(2)
@@ -138,10 +172,13 @@ def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT
     n_cmp = tl.where(length >= CBLOCK, (length - CBLOCK) // CSTRIDE + 1, 0)
     bg = b.to(tl.int64) * HKV + g
     hh = tl.arange(0, G_PAD)
-
-    # log2-sum-exp of every head over all splits; heads without keys take no part
     ss = tl.arange(0, S_P)
     part = (bg * NPT + ss[:, None]) * G_PAD + hh[None, :]
+    j = pj * BJ + tl.arange(0, BJ)
+    tile = j // TB
+    _wait(PDL)
+
+    # log2-sum-exp of every head over all splits; heads without keys take no part
     ms = tl.load(SCR_M + part, mask=ss[:, None] < NSPLIT, other=float("-inf"))
     ls = tl.load(SCR_L + part, mask=ss[:, None] < NSPLIT, other=0.0)
     m = tl.max(ms, 0)
@@ -150,8 +187,6 @@ def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT
     use = (hh < G) & (l_sum > 0)
     lse = m_safe + tl.log2(tl.where(use, l_sum, 1.0))
 
-    j = pj * BJ + tl.arange(0, BJ)
-    tile = j // TB
     own = use[:, None] & (tile * TT < n_cmp)[None, :]
     a = tl.load(BLK_A + (bg * G_PAD + hh[:, None]) * NBA + j[None, :], mask=own, other=0.0)
     ma = tl.load(BLK_M + (bg * NTA + tile[None, :]) * G_PAD + hh[:, None], mask=own, other=0.0)
@@ -160,6 +195,7 @@ def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT
     prev = (bg * NTA + tile[None, :] - 1) * G_PAD + hh[:, None]
     e = tl.load(BLK_E + prev, mask=spill, other=0.0)
     me = tl.load(BLK_M + prev, mask=spill, other=0.0)
+    _signal(SIGNAL, 1)
     score += tl.sum(tl.where(spill, e * tl.exp2(me - lse[:, None]), 0.0), 0)
 
     cur = t // SBLOCK
@@ -171,18 +207,28 @@ def _block_scores(LEN, SCR_M, SCR_L, BLK_A, BLK_M, BLK_E, KEYS, HKV, NSPLIT, NPT
 
 
 @triton.jit
-def _topk(KEYS, BI, HKV, TOPK: tl.constexpr, TOPK_P: tl.constexpr, NB_P: tl.constexpr):
+def _topk(KEYS, BI, HKV, TOPK: tl.constexpr, TOPK_P: tl.constexpr, NB_P: tl.constexpr, BITONIC: tl.constexpr,
+          PDL: tl.constexpr, SIGNAL: tl.constexpr):
+    _signal(SIGNAL, 2)
     b = tl.program_id(0)
     g = tl.program_id(1)
     bg = b.to(tl.int64) * HKV + g
     j = tl.arange(0, NB_P)
+    _wait(PDL)
     key = tl.load(KEYS + bg * NB_P + j)
-    chosen = j < 0
-    for _r in tl.static_range(TOPK):
-        mx = tl.max(key, 0)
-        hit = (key == mx) & (mx >= 0)  # keys are unique; mx < 0: nothing visible is left
-        chosen = chosen | hit
-        key = tl.where(hit, -1, key)
+    _signal(SIGNAL, 1)
+    if BITONIC:
+        # visible keys are unique and >= 0: the n largest are those >= the n-th largest
+        top = tl.topk(key, TOPK_P)
+        nth = tl.max(tl.where(tl.arange(0, TOPK_P) == TOPK - 1, top, -1), 0)
+        chosen = (key >= nth) & (key >= 0)
+    else:
+        chosen = j < 0
+        for _r in tl.static_range(TOPK):
+            mx = tl.max(key, 0)
+            hit = (key == mx) & (mx >= 0)  # keys are unique; mx < 0: nothing visible is left
+            chosen = chosen | hit
+            key = tl.where(hit, -1, key)
     rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
     count = tl.sum(chosen.to(tl.int32), 0)
     tl.store(BI + bg * TOPK + rank, j, mask=chosen)
@@ -196,15 +242,19 @@ def _slc_win_partial(Q, K, V, KW, VW, LEN, BI, SCR_M, SCR_L, SCR_A, qk_scale, HQ
                      G: tl.constexpr, G_PAD: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
                      DQK_P: tl.constexpr, DV_P: tl.constexpr, SBLOCK: tl.constexpr, PIECE: tl.constexpr,
                      WINDOW: tl.constexpr, LCAP: tl.constexpr, TOPK: tl.constexpr, NSP: tl.constexpr,
-                     PPP: tl.constexpr):
+                     NWP: tl.constexpr, PPP: tl.constexpr, PDL: tl.constexpr, SIGNAL: tl.constexpr):
+    _signal(SIGNAL, 2)
     b = tl.program_id(0)
     g = tl.program_id(1)
+    # the NWP window programs come first in the grid: they read nothing an earlier launch wrote,
+    # so under PDL they run before the wait; unit numbers selection programs 0.. then window ones
     prog = tl.program_id(2)
+    unit = tl.where(prog < NWP, prog + NSP, prog - NWP)
     length = tl.minimum(tl.maximum(tl.load(LEN + b), 1), LCAP)
     t = length - 1
     w0 = tl.maximum(t - WINDOW + 1, 0)
     bg = b.to(tl.int64) * HKV + g
-    is_slc = prog < NSP
+    is_slc = unit < NSP
     if is_slc:
         kbase = K + b.to(tl.int64) * K_BS
         vbase = V + b.to(tl.int64) * V_BS
@@ -221,13 +271,15 @@ def _slc_win_partial(Q, K, V, KW, VW, LEN, BI, SCR_M, SCR_L, SCR_A, qk_scale, HQ
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, DV_P], tl.float32)
+    if is_slc:
+        _wait(PDL)
     for i in range(PPP):
-        # selection slot or window piece number prog * PPP + i (pieces past the window: tok > t)
-        slot = prog * PPP + i
+        # selection slot or window piece number unit * PPP + i (pieces past the window: tok > t)
+        slot = unit * PPP + i
         blk = tl.load(BI + bg * TOPK + slot, mask=is_slc & (slot < TOPK), other=-1)
         tok_w = w0 + (slot - NSP * PPP) * PIECE + r
         tok = tl.where(is_slc, blk * SBLOCK + r, tok_w)
-        ok = ((blk >= 0) & (r < SBLOCK) | (prog >= NSP)) & (tok <= t)
+        ok = ((blk >= 0) & (r < SBLOCK) | (unit >= NSP)) & (tok <= t)
         row = tl.where(ok, tok, 0).to(tl.int64) * HKV + g
         k = tl.load(kbase + row[:, None] * DQK + dq[None, :], mask=ok[:, None] & (dq[None, :] < DQK), other=0.0)
         sc = tl.dot(q, tl.trans(k)) * qk_scale
@@ -240,22 +292,30 @@ def _slc_win_partial(Q, K, V, KW, VW, LEN, BI, SCR_M, SCR_L, SCR_A, qk_scale, HQ
         v = tl.load(vbase + row[:, None] * DV + dv[None, :], mask=ok[:, None] & (dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    part = (bg * NPT + P0 + prog) * G_PAD + hh
+    _signal(SIGNAL, 1)
+    part = (bg * NPT + P0 + unit) * G_PAD + hh
     tl.store(SCR_M + part, m_i)
     tl.store(SCR_L + part, l_i)
     tl.store(SCR_A + part[:, None] * DV_P + dv[None, :], acc)
+    _wait(PDL)  # window programs too: this launch ends only after the previous one
 
 
 @triton.jit
 def _combine(GATES, SCR_M, SCR_L, SCR_A, O, HQ, HKV, NPT, P_SLC, P_WIN,
-             G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr, NPT_P: tl.constexpr):
+             G: tl.constexpr, G_PAD: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr, NPT_P: tl.constexpr,
+             PDL: tl.constexpr):
+    # no _signal: a later launch of other code must not overlap this one's reads of the scratch
     b = tl.program_id(0)
     h = tl.program_id(1)
     bg = b.to(tl.int64) * HKV + h // G
     qrow = b.to(tl.int64) * HQ + h
+    g_cmp = tl.load(GATES + qrow * 3).to(tl.float32)
+    g_slc = tl.load(GATES + qrow * 3 + 1).to(tl.float32)
+    g_win = tl.load(GATES + qrow * 3 + 2).to(tl.float32)
     pp = tl.arange(0, NPT_P)
     p_ok = pp < NPT
     part = (bg * NPT + pp) * G_PAD + h % G
+    _wait(PDL)
     m = tl.load(SCR_M + part, mask=p_ok, other=float("-inf"))
     l_p = tl.load(SCR_L + part, mask=p_ok, other=0.0)
     branch = (pp >= P_SLC).to(tl.int32) + (pp >= P_WIN).to(tl.int32)  # 0 cmp, 1 slc, 2 win
@@ -265,7 +325,7 @@ def _combine(GATES, SCR_M, SCR_L, SCR_A, O, HQ, HKV, NPT, P_SLC, P_WIN,
         mx = tl.max(tl.where(mine, m, float("-inf")), 0)
         w = tl.where(mine, tl.exp2(m - tl.where(mx == float("-inf"), 0.0, mx)), 0.0)
         lx = tl.sum(w * l_p, 0)
-        gate = tl.load(GATES + qrow * 3 + x).to(tl.float32)
+        gate = tl.where(x == 0, g_cmp, tl.where(x == 1, g_slc, g_win))
         coef += w * (gate / tl.where(lx > 0, lx, 1.0))
     dv = tl.arange(0, DV_P)
     acc = tl.load(SCR_A + part[:, None] * DV_P + dv[None, :], mask=p_ok[:, None], other=0.0)
@@ -275,6 +335,20 @@ def _combine(GATES, SCR_M, SCR_L, SCR_A, O, HQ, HKV, NPT, P_SLC, P_WIN,
 
 def _num_sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def pdl_mode(device: torch.device) -> int:
+    """1 where PDL (module constant) is on and programmatic dependent launch exists: a CUDA device
+    of compute capability >= 9.0, not the interpreter (which has no gdc ops); else 0."""
+    if not PDL or interpreting() or device.type != "cuda":
+        return 0
+    return int(torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _signals(pdl: int) -> list:
+    """SIGNAL of launches 1-4 (the kernels' ``_signal``): 0 without PDL, else 2 where
+    PDL_ENTRY_MASK has the launch's bit, 1 elsewhere."""
+    return [0 if not pdl else 2 if PDL_ENTRY_MASK >> i & 1 else 1 for i in range(4)]
 
 
 def decode_plan(batch: int, num_kv_heads: int, cmp_capacity: int, tile_tokens: int, topk: int,
@@ -401,23 +475,27 @@ def nsa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.T
     bi = new_empty(B, HKV, topk, dtype=torch.int32, device=dev)
     o = new_empty(B, HQ, DV, dtype=dt, device=dev)
     warps = 4 if g_pad * max(dqk_p, dv_p) <= 4096 else 8
+    pdl = pdl_mode(dev)
+    sig = _signals(pdl)
     common = dict(G=G, G_PAD=g_pad)
+    chained = dict(common, PDL=pdl, launch_pdl=pdl > 0)  # launches 2-5 may start before their predecessor ends
     _cmp_partial[(B, HKV, splits)](
         q, k_cmp, v_cmp, lengths, scr_m, scr_l, scr_a, blk_a, blk_m, blk_e, scale * LOG2E, HQ, HKV,
         k_cmp.stride(0), v_cmp.stride(0), chunk, npt, nba, nta, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p,
         CBLOCK=cmp_block, CSTRIDE=cmp_stride, SBLOCK=slc_block, LCAP=LCAP, BLOCK_C=block_c, TB=tb,
-        TB_P=max(16, next_pow2(tb)), num_warps=warps, num_stages=CMP_STAGES, **common)
+        TB_P=max(16, next_pow2(tb)), SIGNAL=sig[0], num_warps=warps, num_stages=CMP_STAGES, **common)
     _block_scores[(B, HKV, nb_p // bj)](
         lengths, scr_m, scr_l, blk_a, blk_m, blk_e, keys, HKV, splits, npt, nba, nta, CBLOCK=cmp_block,
         CSTRIDE=cmp_stride, SBLOCK=slc_block, LCAP=LCAP, INIT=init_blocks, LOCAL=local_blocks, TB=tb,
-        S_P=next_pow2(splits), NB_P=nb_p, BJ=bj, num_warps=4, **common)
+        S_P=next_pow2(splits), NB_P=nb_p, BJ=bj, SIGNAL=sig[1], num_warps=4, **chained)
     _topk[(B, HKV)](keys, bi, HKV, TOPK=topk, TOPK_P=next_pow2(topk), NB_P=nb_p,
+                    BITONIC=bool(TOPK_BITONIC) and topk <= nb_p, PDL=pdl, SIGNAL=sig[2], launch_pdl=pdl > 0,
                     num_warps=min(16, max(4, nb_p // (32 * TOPK_KEYS_PER_THREAD))))
     _slc_win_partial[(B, HKV, nsp + nwp)](
         q, k, v, k_win, v_win, lengths, bi, scr_m, scr_l, scr_a, scale * LOG2E, HQ, HKV,
         k.stride(0), v.stride(0), k_win.stride(0), v_win.stride(0), npt, splits, DQK=DQK, DV=DV,
         DQK_P=dqk_p, DV_P=dv_p, SBLOCK=slc_block, PIECE=piece, WINDOW=window, LCAP=LCAP, TOPK=topk, NSP=nsp,
-        PPP=ppp, num_warps=warps, **common)
+        NWP=nwp, PPP=ppp, SIGNAL=sig[3], num_warps=warps, **chained)
     _combine[(B, HQ)](gates, scr_m, scr_l, scr_a, o, HQ, HKV, npt, splits, splits + nsp, DV=DV, DV_P=dv_p,
-                      NPT_P=next_pow2(npt), num_warps=min(16, max(4, next_pow2(npt) * dv_p // 2048)), **common)
+                      NPT_P=next_pow2(npt), num_warps=min(16, max(4, next_pow2(npt) * dv_p // 2048)), **chained)
     return (o, bi) if return_block_indices else o

@@ -119,6 +119,20 @@ def test_decode_many_score_programs(monkeypatch):
     assert rel_err(o, ref_o) <= (2e-3 if torch.cuda.is_available() else 1e-5)
 
 
+@pytest.mark.parametrize("bitonic", [0, 1], ids=["serial", "bitonic"])
+@pytest.mark.parametrize("topk,lengths", [(6, [200, 1, 130, 47, 190]), (12, [200, 17, 130])], ids=["n6", "n12"])
+def test_decode_topk_paths(monkeypatch, bitonic, topk, lengths):
+    """Both top-n paths (TOPK_BITONIC) pick the reference's blocks, also when n exceeds the
+    visible blocks (-1 padding) or is close to all blocks of the cache."""
+    import nsa_kernels.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "TOPK_BITONIC", bitonic)
+    hp = dict(HP, topk=topk, local_blocks=2)
+    o, bi, ref_o, ref_b = _run(lengths, 4, 2, 16, 16, torch.float32, hp, num_splits=3, seed=6)
+    assert torch.equal(bi, ref_b), (bi, ref_b)
+    assert rel_err(o, ref_o) <= (2e-3 if torch.cuda.is_available() else 1e-5)
+
+
 def test_decode_fp16_and_paper_ratios():
     hp = dict(cmp_block=32, cmp_stride=16, slc_block=64, topk=4, window=48, init_blocks=1, local_blocks=2)
     lengths = [31, 400, 33, 290]
@@ -175,3 +189,53 @@ def test_decode_gpu_real_sizes_and_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(out, nsa_decode(q, k, v, kc, vc, gates, lengths, **hp))
     assert not torch.equal(out, eager)  # new lengths really changed the step
+
+
+def test_decode_pdl_off_without_hopper(monkeypatch):
+    """Programmatic dependent launch only on CUDA devices of sm_90+, never in the interpreter."""
+    import nsa_kernels.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "PDL", 1)
+    assert decode_module.pdl_mode(torch.device("cpu")) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert decode_module.pdl_mode(torch.device("cuda")) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("entry_mask", [0, 15])
+def test_decode_gpu_pdl_equals_plain_launches(monkeypatch, entry_mask):
+    """H100: PDL launches (successors let in after each kernel's last reads, or at every entry)
+    give bitwise the outputs and blocks of plain launches, eager and as a replayed CUDA graph
+    (mixed lengths, real sizes, outputs poisoned)."""
+    import nsa_kernels.decode as decode_module
+
+    hp = dict(cmp_block=32, cmp_stride=16, slc_block=64, topk=16, window=512, init_blocks=1, local_blocks=2)
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(entry_mask)
+    B, cap = 8, 65536
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=dev, dtype=torch.bfloat16)  # noqa: E731
+    ccap = (cap - 32) // 16 + 1
+    q = rnd(B, 64, 128)
+    k, v, kw, vw = (rnd(B, cap, 4, 128) for _ in range(4))
+    kc, vc = rnd(B, ccap, 4, 128) * 2, rnd(B, ccap, 4, 128)
+    gates = torch.rand(B, 64, 3, device=dev, generator=gen).to(torch.bfloat16)
+    lengths = torch.randint(1, cap + 1, (B,), device=dev, generator=gen, dtype=torch.int32)
+    step = lambda: nsa_decode(q, k, v, kc, vc, gates, lengths, k_win=kw, v_win=vw,  # noqa: E731
+                              return_block_indices=True, **hp)
+    monkeypatch.setattr(decode_module, "PDL", 0)
+    with poisoned_outputs():
+        o_plain, bi_plain = step()
+    monkeypatch.setattr(decode_module, "PDL", 1)
+    monkeypatch.setattr(decode_module, "PDL_ENTRY_MASK", entry_mask)
+    assert decode_module.pdl_mode(dev) == int(torch.cuda.get_device_capability(dev)[0] >= 9)
+    with poisoned_outputs():
+        o_pdl, bi_pdl = step()
+    assert torch.equal(bi_pdl, bi_plain) and torch.equal(o_pdl, o_plain)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_g, bi_g = step()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(bi_g, bi_plain) and torch.equal(o_g, o_plain)
