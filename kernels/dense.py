@@ -3,7 +3,9 @@
 One pair of kernels serves two NSA branches (README, "dense branches"):
 - compressed attention: key i sits at position i*d + l - 1 (``key_stride=d, key_offset=l-1``);
 - sliding window: key s sits at position s (``key_stride=1, key_offset=0, window=w``).
-Query t sees key s iff kpos(s) <= t and, with a window, t - kpos(s) < w.
+Query t sees key s iff kpos(s) <= t and, with a window, t - kpos(s) < w. The window forward
+can also attend the selected branch's local blocks and complete that branch's output
+(``LocalBlocks``), so those blocks are loaded once per tile instead of once per token.
 
 Tiles are group-centric: a program owns BLOCK_T query tokens x all G heads of one KV head
 (rows r = token * G_PAD + head-in-group), so every K/V tile it loads serves the whole group.
@@ -12,6 +14,7 @@ Shapes: q [Tq, HQ, Dqk], k [Tk, HKV, Dqk], v [Tk, HKV, Dv], o [Tq, HQ, Dv], lse 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,7 +38,7 @@ def interpreting() -> bool:
 
 
 def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
-                 window: bool = False) -> dict:
+                 window: bool = False, local: bool = False) -> dict:
     """Tile sizes of one dense kernel ("fwd", "dq" or "dkdv"): BLOCK_T query tokens x G_PAD
     heads per row tile, BLOCK_N keys per step, warps and pipeline stages.
 
@@ -44,7 +47,9 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
     favour 32-key steps in fwd and dQ); ``TILE_OVERRIDE[kernel]`` (keys ROWS, BLOCK_N, num_warps,
     num_stages, maxnreg: the register cap per thread, GPU only) replaces them, for the
     benchmark's sweep and for tests of the tile loops (``TILE_OVERRIDE["win_fwd"]``, when
-    present, replaces ``"fwd"`` for the window branch)."""
+    present, replaces ``"fwd"`` for the window branch; ``local``: the window forward with
+    the selected branch's local blocks, ``LocalBlocks``)."""
+    maxnreg = None
     if interpreting():
         rows, block_n, warps, stages = max(128, g_pad), 64, 4, 1
     else:
@@ -53,6 +58,10 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
             rows, block_n, warps, stages = (64, 64, 4, 2) if big else (64, 64, 4, 3)
             if window and not big:  # 3.54 vs 3.77 ms at 64k (H100, round 4)
                 block_n = 32
+            if window and local and not big:
+                # uncapped, ptxas gives the local-block kernel 248-255 registers (2 programs
+                # per SM); 168 keeps 3 per SM (64 KB shared each) and no spills (round 8)
+                maxnreg = 168
             # round 6: 128 rows x 32 keys on 8 warps with maxnreg=128 (2 programs per SM, half
             # the K/V bytes) measured compressed 10.08 vs 9.98 ms and window 3.31 vs 3.51 alone,
             # but the whole forward within noise of these shapes: not the default
@@ -66,7 +75,7 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
     if kernel == "fwd" and window and "win_fwd" in TILE_OVERRIDE:
         o = TILE_OVERRIDE["win_fwd"]
     rows = max(o.get("ROWS", rows), g_pad)
-    maxnreg = o.get("maxnreg")
+    maxnreg = o.get("maxnreg", maxnreg)
     cfg = dict(BLOCK_T=max(1, rows // g_pad), BLOCK_N=o.get("BLOCK_N", block_n),
                num_warps=o.get("num_warps", warps), num_stages=o.get("num_stages", stages))
     if maxnreg and not interpreting():
@@ -75,30 +84,54 @@ def dense_config(g_pad: int, dqk_p: int, dv_p: int, kernel: str = "fwd",
 
 
 @triton.jit
-def _key_range(pos_min, pos_max, k_len, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-               WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key steps of a query tile with positions [pos_min, pos_max]: masked steps
-    [lo, f1), unmasked steps [f1, f2) (every key visible to every row), masked [f2, hi).
-    f1 and f2 sit on lo's BLOCK_N grid, so unmasked steps never touch a boundary key."""
-    hi = tl.where(pos_max >= KOFF, (pos_max - KOFF) // KSTRIDE + 1, 0)
-    hi = tl.minimum(hi, k_len)
+def _first_key(p, KSTRIDE: tl.constexpr, KOFF: tl.constexpr):
+    """Index of the first key s >= 0 with position s*KSTRIDE + KOFF >= p."""
+    return (tl.maximum(p - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
+
+
+@triton.jit
+def _key_end(p, KSTRIDE: tl.constexpr, KOFF: tl.constexpr):
+    """Number of keys with position s*KSTRIDE + KOFF <= p."""
+    return tl.where(p >= KOFF, (p - KOFF) // KSTRIDE + 1, 0)
+
+
+@triton.jit
+def _key_range(lo_min, lo_max, hi_min, hi_max, k_len, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+               LOWER: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key steps of a query tile whose row r sees the key positions [lo_pos[r], hi_pos[r]]
+    (lo_min/lo_max, hi_min/hi_max: their extremes over the tile's rows; LOWER False: no lower
+    bound): masked steps [lo, f1), unmasked steps [f1, f2) (every key visible to every row),
+    masked [f2, hi). f1 and f2 sit on lo's BLOCK_N grid, so unmasked steps never touch a
+    boundary key; an empty range gives hi <= lo and no step."""
+    hi = tl.minimum(_key_end(hi_max, KSTRIDE, KOFF), k_len)
     lo = hi * 0
     full_a = lo
-    if WINDOW > 0:
-        lo = (tl.maximum(pos_min - WINDOW + 1 - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
-        full_a = (tl.maximum(pos_max - WINDOW + 1 - KOFF, 0) + KSTRIDE - 1) // KSTRIDE
-    full_b = tl.where(pos_min >= KOFF, (pos_min - KOFF) // KSTRIDE + 1, 0)
-    full_b = tl.minimum(full_b, hi)
+    if LOWER:
+        lo = _first_key(lo_min, KSTRIDE, KOFF)
+        full_a = _first_key(lo_max, KSTRIDE, KOFF)
+    full_b = tl.minimum(_key_end(hi_min, KSTRIDE, KOFF), hi)
     f1 = tl.minimum(lo + (tl.maximum(full_a - lo, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
     f2 = f1 + tl.maximum(full_b - f1, 0) // BLOCK_N * BLOCK_N
     return lo, f1, f2, hi
 
 
 @triton.jit
-def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
+def _window_range(pos_min, pos_max, k_len, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
+                  WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_key_range` of causal rows at positions [pos_min, pos_max] (with WINDOW > 0:
+    the window (pos - WINDOW, pos])."""
+    return _key_range(pos_min - WINDOW + 1, pos_max - WINDOW + 1, pos_min, pos_max, k_len,
+                      KSTRIDE, KOFF, WINDOW > 0, BLOCK_N)
+
+
+@triton.jit
+def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, lo_pos, hi_pos, s_a, s_b, hi, qk_scale, HKV,
                DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr, KOFF: tl.constexpr,
-               WINDOW: tl.constexpr, MASKED: tl.constexpr):
+               LOWER: tl.constexpr, MASKED: tl.constexpr):
+    """Online-softmax steps over keys [s_a, s_b) (of the first ``hi``); MASKED: row r sees the
+    key positions [lo_pos[r] (LOWER only), hi_pos[r]]. acc [R, DV_P]; m_i, l_i [R]: running
+    max of the log2-scaled logits and sum of their exp2."""
     dq = tl.arange(0, DQK_P)
     dv = tl.arange(0, DV_P)
     for s0 in range(s_a, s_b, BLOCK_N):
@@ -110,9 +143,9 @@ def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
         qk = tl.dot(q, tl.trans(k))
         if MASKED:
             kp = s * KSTRIDE + KOFF
-            vis = s_ok[None, :] & (kp[None, :] <= pos[:, None])
-            if WINDOW > 0:
-                vis = vis & (kp[None, :] > pos[:, None] - WINDOW)
+            vis = s_ok[None, :] & (kp[None, :] <= hi_pos[:, None])
+            if LOWER:
+                vis = vis & (kp[None, :] >= lo_pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))
         # m_i is the running max of the scaled logits; the scale goes into one fma per logit
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -125,6 +158,50 @@ def _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, s_a, s_b, hi, qk_scale, HKV,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_keys(acc, m_i, l_i, q, K, V, krow0, lo_pos, hi_pos, lo_min, lo_max, hi_min, hi_max,
+              k_len, qk_scale, HKV, DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr,
+              DV_P: tl.constexpr, BLOCK_N: tl.constexpr, KSTRIDE: tl.constexpr,
+              KOFF: tl.constexpr, LOWER: tl.constexpr):
+    """:func:`_fwd_steps` over every key row r may see (positions [lo_pos[r], hi_pos[r]], the
+    tile's extremes lo_min .. hi_max): masked head, unmasked middle, masked tail."""
+    lo, f1, f2, hi = _key_range(lo_min, lo_max, hi_min, hi_max, k_len, KSTRIDE, KOFF, LOWER,
+                                BLOCK_N)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, lo_pos, hi_pos, lo, f1, hi,
+                               qk_scale, HKV, DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF,
+                               LOWER, True)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, lo_pos, hi_pos, f1, f2, hi,
+                               qk_scale, HKV, DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF,
+                               LOWER, False)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, lo_pos, hi_pos, f2, hi, hi,
+                               qk_scale, HKV, DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF,
+                               LOWER, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _merge_partial(acc, m_i, l_i, O, LSE, qrow, row_ok, DV: tl.constexpr, DV_P: tl.constexpr):
+    """O/LSE rows (a branch's normalised partial output [R, DV] and natural-log lse [R], -inf
+    where empty) <- their log-sum-exp merge with the online-softmax state (acc, m_i, l_i) of
+    :func:`_fwd_steps` over keys disjoint from the partial's; o in O's dtype."""
+    dv = tl.arange(0, DV_P)
+    offs = qrow[:, None] * DV + dv[None, :]
+    msk = row_ok[:, None] & (dv[None, :] < DV)
+    lse_p = tl.load(LSE + qrow, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+    m = tl.maximum(m_i, lse_p)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    a = tl.exp2(m_i - m_safe)
+    b = tl.exp2(lse_p - m_safe)
+    l_new = l_i * a + b
+    nonempty = l_new > 0
+    inv = 1.0 / tl.where(nonempty, l_new, 1.0)
+    o_p = tl.load(O + offs, mask=msk, other=0.0).to(tl.float32)
+    o = acc * (a * inv)[:, None] + o_p * (b * inv)[:, None]
+    tl.store(O + offs, o.to(O.dtype.element_ty), mask=msk)
+    lse2 = m_safe + tl.log2(tl.where(nonempty, l_new, 1.0))
+    tl.store(LSE + qrow, tl.where(nonempty, lse2 * 0.6931471805599453, float("-inf")), mask=row_ok)
 
 
 @triton.jit
@@ -153,11 +230,17 @@ def _query_tile(TILES, Q_CU, Q_POS0, K_CU, HQ, g, G: tl.constexpr, G_PAD: tl.con
 
 @triton.jit
 def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
-               OC, OS, GATES, OUT,
+               OC, OS, GATES, OUT, KSEL, VSEL, OSEL, LSEL,
                G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                DQK: tl.constexpr, DV: tl.constexpr, DQK_P: tl.constexpr, DV_P: tl.constexpr,
                KSTRIDE: tl.constexpr, KOFF: tl.constexpr, WINDOW: tl.constexpr,
-               COMBINE: tl.constexpr):
+               COMBINE: tl.constexpr, LOCAL: tl.constexpr, BS: tl.constexpr,
+               SHARED: tl.constexpr):
+    """One query tile (BLOCK_T tokens x G heads of KV head g) over its visible keys; writes
+    o [Tq, HQ, Dv], lse [Tq, HQ] and, with COMBINE, the gated sum OUT of OC, OS and o.
+    LOCAL > 0 (window, KSTRIDE 1): first the rows' selected-branch local blocks with KSEL /
+    VSEL, merged into the partial OSEL / LSEL in place; SHARED (KSEL, VSEL are K, V): the
+    window then goes on from that state over its keys before the local blocks."""
     g = tl.program_id(1)
     row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
         TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
@@ -165,18 +248,37 @@ def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
     dv = tl.arange(0, DV_P)
     q = tl.load(Q + qrow[:, None] * DQK + dq[None, :],
                 mask=row_ok[:, None] & (dq[None, :] < DQK), other=0.0)
-    lo, f1, f2, hi = _key_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
     krow0 = k_beg.to(tl.int64) * HKV + g
     m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
     acc = tl.zeros([BLOCK_T * G_PAD, DV_P], tl.float32)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, lo, f1, hi, qk_scale, HKV,
-                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, f1, f2, hi, qk_scale, HKV,
-                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, False)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, K, V, krow0, pos, f2, hi, hi, qk_scale, HKV,
-                               DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF, WINDOW, True)
+    hi_pos, hi_min, hi_max = pos, pos_min, pos_max
+    if LOCAL > 0:
+        # the selected branch's local blocks: row r sees [(pos // BS - LOCAL + 1) * BS, pos]
+        loc = tl.maximum(pos // BS - LOCAL + 1, 0) * BS
+        loc_min = tl.maximum(pos_min // BS - LOCAL + 1, 0) * BS
+        loc_max = tl.maximum(pos_max // BS - LOCAL + 1, 0) * BS
+        acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, KSEL, VSEL, krow0, loc, pos, loc_min, loc_max,
+                                  pos_min, pos_max, k_len, qk_scale, HKV, DQK, DV, DQK_P, DV_P,
+                                  BLOCK_N, KSTRIDE, KOFF, True)
+        _merge_partial(acc, m_i, l_i, OSEL, LSEL, qrow, row_ok, DV, DV_P)
+        if SHARED:
+            # same logits: the window goes on from this state over its keys before ``loc``
+            hi_pos, hi_min, hi_max = loc - 1, loc_min - 1, loc_max - 1
+        else:
+            m_i = tl.full([BLOCK_T * G_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_T * G_PAD], tl.float32)
+            acc = tl.zeros([BLOCK_T * G_PAD, DV_P], tl.float32)
+    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, K, V, krow0, pos - WINDOW + 1, hi_pos,
+                              pos_min - WINDOW + 1, pos_max - WINDOW + 1, hi_min, hi_max, k_len,
+                              qk_scale, HKV, DQK, DV, DQK_P, DV_P, BLOCK_N, KSTRIDE, KOFF,
+                              WINDOW > 0)
 
+    if LOCAL > 0:
+        # the rows again, so the merge's row addresses do not stay live through the window's
+        # loops (ptxas keeps the launch's register cap without spills)
+        row_ok, pos, qrow, pos_min, pos_max, k_beg, k_len = _query_tile(
+            TILES, Q_CU, Q_POS0, K_CU, HQ, g, G, G_PAD, BLOCK_T)
     nonempty = l_i > 0
     o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     o_offs = qrow[:, None] * DV + dv[None, :]
@@ -187,6 +289,8 @@ def _dense_fwd(Q, K, V, O, LSE, TILES, Q_CU, Q_POS0, K_CU, qk_scale, HQ, HKV,
                    float("-inf"))
     tl.store(LSE + qrow, lse, mask=row_ok)
     if COMBINE:
+        if LOCAL > 0:
+            tl.debug_barrier()  # OS rows (= OSEL) were stored above by other threads
         # the gated sum of combine._combine_fwd, this branch's output as stored (rounded)
         g0 = tl.load(GATES + qrow * 3, mask=row_ok, other=0.0).to(tl.float32)
         g1 = tl.load(GATES + qrow * 3 + 1, mask=row_ok, other=0.0).to(tl.float32)
@@ -292,7 +396,7 @@ def _dense_bwd_dq(Q, K, V, DO, LSE, DELTA, GATE, OB, DGATE, DOG, DQ_IN, DQ, TILE
                                        gate_stride, dgate_stride, DQK, DV, DQK_P, DV_P, HAS_GATE,
                                        FUSE, STORE_DOG)
     dq = tl.arange(0, DQK_P)
-    lo, f1, f2, hi = _key_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
+    lo, f1, f2, hi = _window_range(pos_min, pos_max, k_len, KSTRIDE, KOFF, WINDOW, BLOCK_N)
     krow0 = k_beg.to(tl.int64) * HKV + g
     acc = tl.zeros([BLOCK_T * G_PAD, DQK_P], tl.float32)
     acc = _dq_steps(acc, q, do, lse2, delta, K, V, krow0, pos, lo, f1, hi, qk_scale, HKV,
@@ -422,8 +526,34 @@ def _common(q, k, v):
     return T, HQ, HKV, DQK, DV, HQ // HKV
 
 
+class LocalBlocks(NamedTuple):
+    """The selected branch's forced local blocks, attended by the window forward kernel.
+
+    k, v: [Tk, HKV, Dqk], [Tk, HKV, Dv] the selected branch's keys/values (split by the
+    window's ``k_cu``; the same tensors as the window's when the branches share them);
+    o [Tq, HQ, Dv], lse [Tq, HQ] fp32: ``selected_attention_fwd(skip_local=blocks)``'s partial
+    over the other blocks, completed in place; slc_block: l'; blocks: ``local_blocks``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+    slc_block: int
+    blocks: int
+
+
+def _check_local(local: LocalBlocks, q, k, window: int, key_stride: int, key_offset: int):
+    if window <= 0 or (key_stride, key_offset) != (1, 0):
+        raise ValueError("local blocks need the sliding-window branch (key_stride 1, offset 0)")
+    if local.blocks < 1 or local.blocks * local.slc_block > window:
+        raise ValueError(f"local blocks ({local.blocks} x {local.slc_block}) must be >= 1 and "
+                         f"lie inside the window ({window})")
+    if local.k.shape != k.shape or local.o.shape[:2] != q.shape[:2]:
+        raise ValueError("local blocks' k / o must match the window's k and the queries")
+
+
 def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_offset: int,
-                        window: int, scale: float, combine=None):
+                        window: int, scale: float, combine=None, local: LocalBlocks | None = None):
     """Forward of masked attention for the compressed / window branches.
 
     Args:
@@ -436,6 +566,11 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
             outputs and gates [Tq, HQ, 3] (all contiguous); the kernel then also writes the
             gated sum gates[..., 0] o_a + gates[..., 1] o_b + gates[..., 2] o (as
             ``combine.combine_fwd``, with this branch's o as stored) in o_a's dtype.
+        local: None, or the selected branch's local blocks (:class:`LocalBlocks`, window
+            only): each tile first attends its rows' local keys [(t // l' - L + 1) l', t]
+            with local.k / local.v and merges that into local.o / local.lse in place (which
+            ``combine``'s o_b then reads, completed); when local.k / local.v are k / v the
+            window goes on from that state over its other keys (no extra dots).
     Returns:
         (o [Tq, HQ, Dv] in q's dtype, lse [Tq, HQ] fp32 natural log, -inf where no key is
         visible and o = 0 there); with ``combine`` also the gated sum [Tq, HQ, Dv].
@@ -449,14 +584,19 @@ def dense_attention_fwd(q, k, v, layout: Varlen, k_cu, *, key_stride: int, key_o
     if T == 0:
         return (o, lse) if combine is None else (o, lse, out)
     g_pad, dqk_p, dv_p = next_pow2(G), max(16, next_pow2(DQK)), max(16, next_pow2(DV))
-    cfg = dense_config(g_pad, dqk_p, dv_p, "fwd", window > 0)
+    cfg = dense_config(g_pad, dqk_p, dv_p, "fwd", window > 0, local is not None)
     tiles = layout.tiles(cfg["BLOCK_T"])
     oc, os_, gates = combine if combine is not None else (o, o, lse)
+    if local is not None:
+        _check_local(local, q, k, window, key_stride, key_offset)
+    loc = local if local is not None else LocalBlocks(k, v, o, lse, 1, 0)
     _dense_fwd[(tiles.shape[0], HKV)](
         q, k, v, o, lse, tiles, layout.q_cu, layout.q_pos0, k_cu, scale * LOG2E, HQ, HKV,
-        oc, os_, gates, out if out is not None else o,
+        oc, os_, gates, out if out is not None else o, loc.k, loc.v, loc.o, loc.lse,
         G=G, G_PAD=g_pad, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p,
-        KSTRIDE=key_stride, KOFF=key_offset, WINDOW=window, COMBINE=combine is not None, **cfg)
+        KSTRIDE=key_stride, KOFF=key_offset, WINDOW=window, COMBINE=combine is not None,
+        LOCAL=loc.blocks, BS=loc.slc_block,
+        SHARED=local is not None and loc.k is k and loc.v is v, **cfg)
     return (o, lse) if combine is None else (o, lse, out)
 
 

@@ -14,7 +14,7 @@ import itertools
 
 import torch
 
-from .dense import dense_attention_bwd, dense_attention_fwd, interpreting
+from .dense import LocalBlocks, dense_attention_bwd, dense_attention_fwd, interpreting
 from .host_cache import remember_host
 from .layout import num_compressed
 from .selected import selected_attention_bwd, selected_attention_fwd
@@ -42,6 +42,21 @@ def _grad_out(x: torch.Tensor):
     return None if x.dtype == torch.float32 else new_empty(*x.shape, dtype=x.dtype, device=x.device)
 
 
+# whether the window forward kernel attends the selected branch's local blocks
+# (dense.LocalBlocks), per window K/V: "shared" (k_win is k) or "independent"
+LOCAL_IN_WINDOW = {"shared": True, "independent": False}
+
+
+def _local_in_window(hp: dict, shared: bool) -> int:
+    """local_blocks when the window kernel takes over the selected branch's local blocks, else
+    0: they must lie in the window and be forced beside the initial blocks (so the selected
+    kernel finds the others in the first topk - local_blocks entries)."""
+    n = hp["local_blocks"]
+    fits = (hp["window"] > 0 and n >= 1 and hp["init_blocks"] + n <= hp["topk"]
+            and n * hp["slc_block"] <= hp["window"])
+    return n if fits and LOCAL_IN_WINDOW["shared" if shared else "independent"] else 0
+
+
 def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
     layout = Varlen.build(cu_seqlens)
     kc_cu = _compressed_cu(layout, hp["cmp_block"], hp["cmp_stride"])
@@ -51,12 +66,15 @@ def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
                                   cmp_stride=hp["cmp_stride"], slc_block=hp["slc_block"],
                                   topk=hp["topk"], init_blocks=hp["init_blocks"],
                                   local_blocks=hp["local_blocks"], scale=scale)
+    n_local = _local_in_window(hp, k_win is k and v_win is v)
     o_slc, lse_slc = selected_attention_fwd(q, k, v, blocks, layout, cu_seqlens,
-                                            slc_block=hp["slc_block"], scale=scale)
+                                            slc_block=hp["slc_block"], scale=scale,
+                                            skip_local=n_local)
+    local = LocalBlocks(k, v, o_slc, lse_slc, hp["slc_block"], n_local) if n_local else None
     # the window kernel also writes the gated sum of the three branches (combine_fwd fused)
     o_win, lse_win, o = dense_attention_fwd(q, k_win, v_win, layout, cu_seqlens, key_stride=1,
                                             key_offset=0, window=hp["window"], scale=scale,
-                                            combine=(o_cmp, o_slc, gates))
+                                            combine=(o_cmp, o_slc, gates), local=local)
     return o, blocks, layout, kc_cu, (o_cmp, o_slc, o_win), (lse_cmp, lse_slc, lse_win)
 
 

@@ -42,7 +42,10 @@ def _launch(kernel: str, g_pad: int, wide: bool) -> dict:
 def _slc_fwd(Q, K, V, O, LSE, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, HQ, HKV,
              G: tl.constexpr, GR: tl.constexpr, DQK: tl.constexpr, DV: tl.constexpr,
              DQK_P: tl.constexpr, DV_P: tl.constexpr, BS: tl.constexpr, BS_P: tl.constexpr,
-             NSEL: tl.constexpr):
+             NSEL: tl.constexpr, LOCAL: tl.constexpr):
+    """One token x G heads over its selected blocks; LOCAL > 0: over the non-local ones only
+    (j <= pos // BS - LOCAL: the selection lists them, ascending, in its first NSEL - LOCAL
+    entries), the local blocks being left to the window kernel (dense ``LocalBlocks``)."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     seq = tl.load(ROWSEQ + t)
@@ -59,10 +62,13 @@ def _slc_fwd(Q, K, V, O, LSE, BI, ROWSEQ, ROWPOS, K_CU, qk_scale, HQ, HKV,
     l_i = tl.zeros([GR], tl.float32)
     acc = tl.zeros([GR, DV_P], tl.float32)
     bi = BI + (t.to(tl.int64) * HKV + g) * NSEL
-    for n in range(NSEL):
+    for n in range(NSEL - LOCAL):
         j = tl.load(bi + n)
+        j_ok = j >= 0
+        if LOCAL > 0:
+            j_ok = j_ok & (j <= pos // BS - LOCAL)
         s = j * BS + tl.arange(0, BS_P)
-        s_ok = (j >= 0) & (s <= pos) & (tl.arange(0, BS_P) < BS)
+        s_ok = j_ok & (s <= pos) & (tl.arange(0, BS_P) < BS)
         krow = (k_beg + s).to(tl.int64) * HKV + g
         k = tl.load(K + krow[:, None] * DQK + dq[None, :],
                     mask=s_ok[:, None] & (dq[None, :] < DQK), other=0.0)
@@ -177,16 +183,21 @@ def _dims(q, k, v):
 
 
 def selected_attention_fwd(q, k, v, block_indices, layout: Varlen, k_cu, *, slc_block: int,
-                           scale: float):
+                           scale: float, skip_local: int = 0):
     """Forward of branch 2.
 
     Args:
         q: [Tq, HQ, Dqk]; k, v: [Tk, HKV, Dqk], [Tk, HKV, Dv] per-sequence prefixes split by
             ``k_cu``; block_indices: int32 [Tq, HKV, n] (within-sequence block ids, -1 empty).
+        skip_local: L > 0 leaves out the local blocks j > t // l' - L (for the window kernel,
+            ``dense.LocalBlocks``); the selection must force them (``local_blocks`` = L and
+            n >= init_blocks + L), so the other blocks are its first n - L entries.
     Returns:
         (o [Tq, HQ, Dv] in q's dtype, lse [Tq, HQ] fp32, -inf where nothing is selected).
     """
     T, HQ, HKV, DQK, DV, G, GR, dqk_p, dv_p = _dims(q, k, v)
+    if not 0 <= skip_local <= block_indices.shape[-1]:
+        raise ValueError(f"skip_local ({skip_local}) must lie in [0, n]")
     o = new_empty(T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = new_empty(T, HQ, dtype=torch.float32, device=q.device)
     if T == 0:
@@ -195,7 +206,8 @@ def selected_attention_fwd(q, k, v, block_indices, layout: Varlen, k_cu, *, slc_
     cfg = _launch("fwd", GR, GR * max(dqk_p, dv_p) > 4096)
     _slc_fwd[(T, HKV)](q, k, v, o, lse, block_indices, row_seq, row_pos, k_cu, scale * LOG2E,
                        HQ, HKV, G=G, GR=GR, DQK=DQK, DV=DV, DQK_P=dqk_p, DV_P=dv_p, BS=slc_block,
-                       BS_P=max(16, next_pow2(slc_block)), NSEL=block_indices.shape[-1], **cfg)
+                       BS_P=max(16, next_pow2(slc_block)), NSEL=block_indices.shape[-1],
+                       LOCAL=skip_local, **cfg)
     return o, lse
 
 
