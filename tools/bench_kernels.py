@@ -83,10 +83,33 @@ def make_inputs(T, hq, hkv, dqk, dv):
     return q, k, v, gates, cu, kcomp, vcomp, g
 
 
-# --ab-fwd: dense.TILE_OVERRIDE settings under which bench_nsa times the forward again
-AB_FWD: dict = {}
 V7_FWD_TILES = {"fwd": dict(ROWS=64, BLOCK_N=64, num_warps=4, num_stages=3),
                 "win_fwd": dict(ROWS=64, BLOCK_N=32, num_warps=4, num_stages=3)}
+# --ab: forward variants bench_nsa times again after the defaults, each a list of
+# (module under nsa_kernels, attribute, value) set for its run and restored after it
+AB_VARIANTS = {
+    "v7_tiles": [("dense", "TILE_OVERRIDE", V7_FWD_TILES)],
+    "scores_fp16": [("selection", "TILE_OVERRIDE", {"split": False})],
+    "topn_bitonic": [("selection", "TILE_OVERRIDE", {"top_bitonic": True})],
+    "no_local": [("function", "LOCAL_IN_WINDOW", {"shared": False, "independent": False})],
+}
+AB_FWD: list = []  # the names chosen by --ab
+
+
+def with_settings(settings, fn):
+    """fn() with the AB_VARIANTS-style ``settings`` applied, the previous values restored."""
+    import importlib
+
+    saved = []
+    for mod_name, attr, value in settings:
+        mod = importlib.import_module(f"nsa_kernels.{mod_name}")
+        saved.append((mod, attr, getattr(mod, attr)))
+        setattr(mod, attr, value)
+    try:
+        return fn()
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
 
 
 def bench_nsa(T, hq, hkv, dqk, dv, reps):
@@ -107,14 +130,10 @@ def bench_nsa(T, hq, hkv, dqk, dv, reps):
         o.backward(do, retain_graph=True)
 
     row["bwd_ms"] = timed(bwd, reps)
-    if AB_FWD:  # the whole forward again under other dense forward tiles, then the defaults
-        import nsa_kernels.dense as dense
-
+    if AB_FWD:  # the whole forward again under each variant, then the defaults again
         ab = {}
-        for name, over in (*AB_FWD.items(), ("default_again", {})):
-            dense.TILE_OVERRIDE = dict(over)
-            ab[name] = round(timed(fwd, reps), 3)
-        dense.TILE_OVERRIDE = {}
+        for name in (*AB_FWD, "default_again"):
+            ab[name] = round(with_settings(AB_VARIANTS.get(name, []), lambda: timed(fwd, reps)), 3)
         row["fwd_ab_ms"] = ab
     row["branches_ms"] = branch_times(q.detach(), k.detach(), v.detach(), kcomp, vcomp,
                                       gates.detach(), cu, scale, do, reps)
@@ -366,6 +385,12 @@ def write(rows, args, out_dir, quiet=False):
     for r in rows:
         if r["impl"] == "nsa":
             lines.append(f"- {r['seq']}: " + ", ".join(f"{k} {v}" for k, v in r["branches_ms"].items()))
+    ab_rows = [r for r in rows if r.get("fwd_ab_ms")]
+    if ab_rows:
+        lines += ["", "Whole forward again under each `--ab` variant (same inputs, after the defaults; "
+                  "ms):", ""]
+        for r in ab_rows:
+            lines.append(f"- {r['seq']}: " + ", ".join(f"{k} {v}" for k, v in r["fwd_ab_ms"].items()))
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -407,14 +432,16 @@ def main():
     p.add_argument("--sweep-only", default="", help="comma-separated kernel-name prefixes for --sweep")
     p.add_argument("--prescale-do", type=int, default=1,
                    help="0: dK/dV kernels gate dO themselves instead of reading the dQ kernel's gated copy")
-    p.add_argument("--ab-fwd", type=int, default=0,
-                   help="1: also time the whole forward with the v7 dense forward tiles (fwd_ab_ms; "
-                        "edit V7_FWD_TILES / AB_FWD for other A/Bs)")
+    p.add_argument("--ab", default="",
+                   help=f"comma-separated forward variants also timed at every length (fwd_ab_ms): "
+                        f"{', '.join(AB_VARIANTS)}")
     args = p.parse_args()
     import nsa_kernels.dense as dense
 
-    if args.ab_fwd:
-        AB_FWD["v7_tiles"] = V7_FWD_TILES
+    for name in filter(None, args.ab.split(",")):
+        if name not in AB_VARIANTS:
+            p.error(f"--ab: unknown variant {name!r} (known: {', '.join(AB_VARIANTS)})")
+        AB_FWD.append(name)
 
     dense.PRESCALE_DO = bool(args.prescale_do)
     if args.sweep:

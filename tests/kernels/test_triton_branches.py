@@ -1,6 +1,7 @@
 """Branch launchers on part of a sequence (queries at positions [a, b) against the key prefix),
 as context parallelism and decoding call them: o and log-sum-exp of every branch, block
 scores and selection, each against the float64 reference branch functions."""
+import pytest
 import torch
 
 from nsa_kernels import reference as R
@@ -135,18 +136,24 @@ def test_scores_with_small_tiles_run_unmasked_steps(monkeypatch):
     assert torch.equal(blocks.cpu(), ref_b)
 
 
-def test_top_blocks_match_reference_with_ties():
+@pytest.mark.parametrize("bitonic", [False, True], ids=["argmax", "bitonic"])
+def test_top_blocks_match_reference_with_ties(monkeypatch, bitonic):
     """The top-n kernel alone on given scores: integer scores (many ties, which go to the lower
     block), rows with fewer visible blocks than n, every forced-block count, and forced blocks
-    that outnumber n (the kernel's other path); selections equal reference.select_blocks."""
+    that outnumber n (the kernel's other path); selections equal reference.select_blocks,
+    by repeated arg-max and by one bitonic top-n."""
+    from nsa_kernels import selection
     from nsa_kernels.selection import top_blocks_triton
+
+    monkeypatch.setattr(selection, "TILE_OVERRIDE", {"top_bitonic": bitonic})
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(11)
     T, hkv, nb, sb = 37, 2, 12, 4
     pos = torch.randint(0, nb * sb, (T,), generator=gen)
     pos[:4] = torch.tensor([0, sb - 1, sb, 2 * sb + 1])  # 1, 1, 2 and 3 visible blocks
-    for topk, init, local in ((5, 1, 2), (3, 0, 0), (4, 2, 2), (2, 2, 2), (3, 1, 3), (16, 1, 2)):
+    for topk, init, local in ((5, 1, 2), (3, 0, 0), (4, 2, 2), (2, 2, 2), (3, 1, 3), (16, 1, 2),
+                              (7, 1, 2)):
         for ties in (True, False):
             s = torch.randint(0, 4, (T, hkv, nb), generator=gen).double() if ties else \
                 torch.rand(T, hkv, nb, generator=gen, dtype=torch.float64)
