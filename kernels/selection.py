@@ -11,9 +11,12 @@ Two paths, one function:
   tokens starting at n BJE R - (C - 1), which holds every token of blocks n BJE .. n BJE +
   BJE - 1 (BJE = (NC - C + 1) // R; windows overlap by NC - BJE R tokens), so each block's
   score is complete within its step. The overlap weights are a constant [NC, BJ_P] matrix
-  W of small integers, and the block sums P W run on the tensor cores with P split into
-  bf16 hi + lo (each p kept to 2^-15, fp32 accumulation); a register sum over each
-  token's G_PAD rows then gives the scores.
+  W of small integers, and the block sums P W run on the tensor cores, by default as one
+  fp16 dot of P scaled by 2^15 (each p rounded to 11 significant bits, 2^-11; 64k forward
+  39.2 vs 40.3-41.1 ms, H100, kernels-2026-11-26-v9-head) or, with SCORE_SPLIT, with P split
+  into bf16 hi + lo (each p to 2^-15); fp32 accumulation. Both keep the scores far inside
+  bf16 rounding (2^-8), where NSA_SPEC.md lets bf16 selections differ. A register sum over
+  each token's G_PAD rows then gives the scores.
 - fp32 inputs (exact path): the head sums and the overlap-weighted block sums are fp32 adds
   in registers over windows of BJ blocks, each block's spill into the next carried in
   registers (s[j] = a[j] + b[j - 1]).
@@ -34,6 +37,9 @@ from .varlen import new_empty, Varlen, next_pow2
 
 # score kernel launch overrides (keys: see _score_config), for tests and sweeps
 TILE_OVERRIDE: dict = {}
+# tensor-core block sums with P split into bf16 hi + lo (2^-15) instead of one fp16 dot
+# (2^-11): ~1 ms more at 64k (H100, kernels-2026-11-26-v9-head, --ab scores_split)
+SCORE_SPLIT = False
 # top-n by one bitonic sort per row instead of repeated arg-max passes (same blocks)
 TOPN_BITONIC = False
 # single-pass (fp16) tensor-core block sums: p scaled by 2^P_LOG2 (<= 32768 < 65504), so
@@ -382,7 +388,7 @@ def top_blocks_triton(scores, q_pos, *, slc_block: int, topk: int, init_blocks: 
 def _score_config(g_pad: int, rpb: int, cspan: int, dqk_p: int, mma: bool):
     """Score kernel launch: BLOCK_T tokens x G_PAD heads per tile; exact path: BJ blocks
     (BJ x RPB_P compressed tokens) per step; tensor-core path (``mma``): NC compressed tokens
-    per step complete BJE blocks (BJ_P columns), P split into bf16 hi + lo (SPLIT).
+    per step complete BJE blocks (BJ_P columns), P split into bf16 hi + lo (SPLIT) or not.
     ``TILE_OVERRIDE`` keys ROWS, BJ, NC, num_warps, num_stages, maxnreg, mma, split replace
     them."""
     o = TILE_OVERRIDE
@@ -400,7 +406,7 @@ def _score_config(g_pad: int, rpb: int, cspan: int, dqk_p: int, mma: bool):
     three = mma and dqk_p <= 128 and not interpreting()
     cap = o.get("maxnreg", 80 if three else None)
     return dict(BLOCK_T=max(1, rows // g_pad), BJ=bj, MMA=mma, NC=nc, BJE=bje,
-                BJ_P=max(16, next_pow2(bje)), SPLIT=bool(o.get("split", True)),
+                BJ_P=max(16, next_pow2(bje)), SPLIT=bool(o.get("split", SCORE_SPLIT)),
                 num_warps=o.get("num_warps", 4 if interpreting() else (8 if rows >= 128 else 4)),
                 num_stages=o.get("num_stages", 2 if three else 3),
                 **({"maxnreg": cap} if cap and not interpreting() else {}))

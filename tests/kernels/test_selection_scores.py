@@ -1,7 +1,8 @@
 """Block scores and selections of the score kernel's two paths against the float64 reference:
-the tensor-core path (bf16/fp16 inputs: block sums P W on the tensor cores, P split into bf16
-hi + lo) and the exact fp32 path (fp32 inputs), on varlen packs of short and long sequences,
-several group sizes, head dims and (cmp_block, cmp_stride, slc_block) choices."""
+the tensor-core path (bf16/fp16 inputs: block sums P W on the tensor cores, P as one fp16
+operand or split into bf16 hi + lo) and the exact fp32 path (fp32 inputs), on varlen packs of
+short and long sequences, several group sizes, head dims and (cmp_block, cmp_stride,
+slc_block) choices."""
 import pytest
 import torch
 
@@ -18,6 +19,8 @@ LENS = [1, 31, 32, 63, 64, 65, 300]
 # the tensor-core path's score error relative to the score: P's hi + lo halves carry each p
 # within 2^-15 (hi truncated to bf16, lo rounded), plus fp32 accumulation
 MMA_REL = 4e-5
+# the same for one fp16 operand: each p rounded to 11 significant bits (2^-11), plus the above
+FP16_REL = 2.0 ** -11 + MMA_REL
 
 
 @pytest.fixture(autouse=True)
@@ -89,19 +92,20 @@ CASES = [  # (group size, head dim, (cmp_block, cmp_stride, slc_block), TILE_OVE
 ]
 
 
+@pytest.mark.parametrize("split,rel", [(True, MMA_REL), (False, FP16_REL)], ids=["split", "fp16"])
 @pytest.mark.parametrize("g,dqk,hp,tiles,lens", CASES)
-def test_mma_scores_match_reference(monkeypatch, g, dqk, hp, tiles, lens):
-    """bf16 inputs: scores within MMA_REL of the float64 scores of the same bf16 inputs,
+def test_mma_scores_match_reference(monkeypatch, g, dqk, hp, tiles, lens, split, rel):
+    """bf16 inputs: scores within ``rel`` of the float64 scores of the same bf16 inputs,
     every block written (poisoned outputs), and selections equal to the reference's except
     where two reference scores are within that error of each other."""
-    monkeypatch.setattr(selection, "TILE_OVERRIDE", tiles)
+    monkeypatch.setattr(selection, "TILE_OVERRIDE", dict(tiles, split=split))
     pb = _problem(lens, g, 1, dqk, hp, torch.bfloat16, seed=g + dqk)
     scores, blocks = _run(pb)
     ref = pb["ref"]
     assert torch.isfinite(scores).all()
-    assert bool(((scores - ref).abs() <= MMA_REL * ref.abs() + 1e-12).all()), \
+    assert bool(((scores - ref).abs() <= rel * ref.abs() + 1e-12).all()), \
         float(((scores - ref).abs() / ref.abs().clamp_min(1e-30)).max())
-    _check_near_ties(blocks, _ref_blocks(pb, ref), ref, 2 * MMA_REL)
+    _check_near_ties(blocks, _ref_blocks(pb, ref), ref, 2 * rel)
 
 
 @pytest.mark.skipif(not INTERP, reason="fp32 dots run as tf32 on a GPU")
@@ -111,13 +115,13 @@ def test_mma_path_on_fp32_inputs_and_split(monkeypatch):
     buys the precision."""
     pb = _problem(LENS, 4, 1, 64, (32, 16, 64), torch.float32, seed=3)
     ref = pb["ref"]
-    monkeypatch.setattr(selection, "TILE_OVERRIDE", dict(ROWS=128, NC=32, mma=True))
+    monkeypatch.setattr(selection, "TILE_OVERRIDE", dict(ROWS=128, NC=32, mma=True, split=True))
     scores, _ = _run(pb)
     assert bool(((scores - ref).abs() <= MMA_REL * ref.abs() + 1e-12).all())
     monkeypatch.setattr(selection, "TILE_OVERRIDE", dict(ROWS=128, NC=32, mma=True, split=False))
     scores, _ = _run(pb)
     rel = ((scores - ref).abs() / ref.abs().clamp_min(1e-30))[ref.abs() > 1e-6]
-    assert MMA_REL < float(rel.max()) <= 2.0 ** -11 + MMA_REL
+    assert MMA_REL < float(rel.max()) <= FP16_REL
 
 
 @pytest.mark.skipif(not INTERP, reason="fp32 dots run as tf32 on a GPU")
@@ -136,7 +140,7 @@ def test_fp32_scores_exact_path(monkeypatch, tiles):
 
 
 def test_select_blocks_fp16_in_row_chunks():
-    """fp16 inputs take the tensor-core path too (P still split into bf16 hi + lo); the full
+    """fp16 inputs take the tensor-core path too (the default single fp16 pass); the full
     launcher, with a score budget that splits the queries into several row chunks."""
     pb = _problem([7, 130, 64], 4, 2, 64, (32, 16, 64), torch.float16, seed=9)
     ref = pb["ref"]
@@ -144,4 +148,4 @@ def test_select_blocks_fp16_in_row_chunks():
         blocks = select_blocks_triton(pb["q"], pb["kc"], pb["lse"], pb["layout"], pb["kc_cu"],
                                       scale=pb["scale"], topk=4, init_blocks=1, local_blocks=2,
                                       budget_bytes=4 * 2 * 4 * 40, **pb["kw"])
-    _check_near_ties(blocks.cpu(), _ref_blocks(pb, ref), ref, 2 * MMA_REL)
+    _check_near_ties(blocks.cpu(), _ref_blocks(pb, ref), ref, 2 * FP16_REL)
