@@ -52,16 +52,7 @@ def time_step(fn, reps: int, use_graph: bool):
     run = fn
     if use_graph:
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            run, mode = graph.replay, "graph"
+            run, mode = capture(fn).replay, "graph"
         except Exception:  # capture unsupported by this path: time eager launches instead
             torch.cuda.synchronize()
     for _ in range(3):
