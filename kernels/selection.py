@@ -445,7 +445,9 @@ def _scores_chunks(q, k_cmp, lse_cmp, layout: Varlen, kc_cu, *, cmp_block, cmp_s
     nb_stride = max(1, -(-layout.max_end // slc_block))
     max_rows = max(cfg["BLOCK_T"], budget_bytes // (4 * HKV * nb_stride))
     tiles_t = layout.tiles(cfg["BLOCK_T"])
-    for first, end, row_a, row_b in _chunks(layout, cfg["BLOCK_T"], max_rows):
+    chunks = layout.cached(("score_chunks", cfg["BLOCK_T"], max_rows),
+                           lambda: _chunks(layout, cfg["BLOCK_T"], max_rows))
+    for first, end, row_a, row_b in chunks:
         scores = new_empty(row_b - row_a, HKV, nb_stride, dtype=torch.float32, device=q.device)
         _block_scores[(end - first, HKV)](
             q, k_cmp, lse_cmp, scores, tiles_t[first:end], layout.q_cu, layout.q_pos0, kc_cu,
