@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_cache import host_list
 from .varlen import Varlen, new_empty, next_pow2, to_device
 
 LOG2E = 1.4426950408889634
@@ -748,7 +749,7 @@ def key_work(layout: Varlen, k_cu, block_n: int, key_stride: int, key_offset: in
     Returns (work, split, covers): split is True when any tile has several pieces (their
     partial dK/dV are then added atomically); covers is True when every key tile has work
     (so the kernel writes every key row)."""
-    bounds = torch.tensor(layout.key_bounds(k_cu), dtype=torch.int64)
+    bounds = torch.tensor(host_list(k_cu), dtype=torch.int64)
     n_k = bounds[1:] - bounds[:-1]
     n_q = torch.tensor(layout.lens, dtype=torch.int64)
     p0 = torch.tensor(layout.pos0, dtype=torch.int64)

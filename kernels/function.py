@@ -6,34 +6,18 @@ gate gradient and delta = rowsum(d o_b * o_b), and stores the gated dO) then its
 kernel, summing into fp32 (dQ shared by the three branches; dK/dV shared by the selected
 and window branches when they use the same keys): the first kernel of a sum stores its
 term, the last writes the input dtype. See README.md for the maths.
-Only the forward reads anything back from the device (the sequence lengths, once).
+Only the forward reads anything back from the device (the sequence lengths, once per
+``cu_seqlens`` tensor: ``host_cache``).
 """
 from __future__ import annotations
-
-import itertools
 
 import torch
 
 from .dense import LocalBlocks, dense_attention_bwd, dense_attention_fwd, interpreting
-from .host_cache import remember_host
-from .layout import num_compressed
+from .layout import compressed_cu_seqlens
 from .selected import selected_attention_bwd, selected_attention_fwd
 from .selection import select_blocks_triton
-from .varlen import Varlen, new_empty, to_device
-
-
-def _compressed_cu(layout: Varlen, cmp_block: int, cmp_stride: int) -> torch.Tensor:
-    """int32 [N+1] compressed-token boundaries on the device, planned from the host lengths
-    (registered with ``layout``, so no launcher reads them back; kept in the layout's cache,
-    so a layout shared by several calls plans them once)."""
-    def build():
-        counts = [num_compressed(n, cmp_block, cmp_stride) for n in layout.lens]
-        bounds = [0, *itertools.accumulate(counts)]
-        kc_cu = to_device(torch.tensor(bounds, dtype=torch.int32), layout.device)
-        layout.register_keys(kc_cu, bounds)
-        return kc_cu
-
-    return layout.cached(("kc_cu", cmp_block, cmp_stride), build)
+from .varlen import Varlen, int32_on, new_empty
 
 
 def _grad_out(x: torch.Tensor):
@@ -59,7 +43,7 @@ def _local_in_window(hp: dict, shared: bool) -> int:
 
 def _forward(q, k, v, k_cmp, v_cmp, gates, k_win, v_win, cu_seqlens, hp, scale):
     layout = Varlen.build(cu_seqlens)
-    kc_cu = _compressed_cu(layout, hp["cmp_block"], hp["cmp_stride"])
+    kc_cu = compressed_cu_seqlens(cu_seqlens, hp["cmp_block"], hp["cmp_stride"])
     o_cmp, lse_cmp = dense_attention_fwd(q, k_cmp, v_cmp, layout, kc_cu, key_stride=hp["cmp_stride"],
                                          key_offset=hp["cmp_block"] - 1, window=0, scale=scale)
     blocks = select_blocks_triton(q, k_cmp, lse_cmp, layout, kc_cu, cmp_block=hp["cmp_block"],
@@ -145,8 +129,7 @@ def nsa_attention_triton(q, k, v, k_cmp, v_cmp, gates, cu_seqlens, *, cmp_block:
         o [T, HQ, Dv] in q's dtype; with ``return_block_indices`` also int32 [T, HKV, topk].
     """
     if cu_seqlens is None:
-        cu_seqlens = remember_host(to_device(torch.tensor([0, q.shape[0]], dtype=torch.int32),
-                                             q.device), [0, q.shape[0]])
+        cu_seqlens = int32_on([0, q.shape[0]], q.device)
     if interpreting() and any(t is not None and t.dtype == torch.bfloat16
                               for t in (q, k, v, k_cmp, v_cmp, k_win, v_win)):
         from .interpreter import enable_interpreter_bf16_dot

@@ -6,10 +6,12 @@ boundaries. Compressed tokens are packed the same way, sequence by sequence, wit
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .host_cache import host_list, memo_on, remember_host
-from .varlen import to_device
+from .host_cache import host_list, memo_on
+from .varlen import int32_on, to_device
 
 __all__ = [
     "num_compressed",
@@ -46,10 +48,7 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: 
     """
     def build():
         counts = [num_compressed(n, cmp_block, cmp_stride) for n in seqlens_from_cu(cu_seqlens)]
-        out = torch.zeros(len(counts) + 1, dtype=torch.int32)
-        if counts:
-            out[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0).to(torch.int32)
-        return remember_host(to_device(out, cu_seqlens.device), out.tolist())
+        return int32_on([0, *itertools.accumulate(counts)], cu_seqlens.device)
 
     return memo_on(cu_seqlens, ("compressed_cu", cmp_block, cmp_stride), build)
 

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .dense import (LOG2E, GradTarget, _load_dq_rows, dkdv_step, fuse_setup, interpreting,
                     store_grad)
+from .host_cache import host_list
 from .varlen import new_empty, Varlen, next_pow2, to_device
 
 # launch overrides {"fwd"|"dq": {num_warps, num_stages}, "dkdv": {ROWS, SEGMENT, num_warps,
@@ -295,7 +296,7 @@ def block_work_list(block_indices, layout: Varlen, k_cu, slc_block: int, segment
     if E >= 1 << 31:
         raise ValueError(f"{E} selection entries: the counting sort counts them in int32")
     row_seq, _ = layout.row_info()
-    bounds = layout.key_bounds(k_cu)
+    bounds = host_list(k_cu)
     nb_seq = torch.tensor([-(-(b - a) // slc_block) for a, b in zip(bounds[:-1], bounds[1:])],
                           dtype=torch.int64)
     nbt = int(nb_seq.sum())

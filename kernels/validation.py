@@ -13,7 +13,7 @@ import torch
 
 from .host_cache import host_list, memo_on, remember_host
 from .layout import compressed_cu_seqlens, num_compressed, seqlens_from_cu
-from .varlen import to_device
+from .varlen import int32_on
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -86,7 +86,7 @@ def _check_tensor(name: str, x, ndim: int, device: torch.device, dtype: torch.dt
 
 def _normalise_cu_seqlens(cu_seqlens: Optional[torch.Tensor], total: int, device: torch.device) -> torch.Tensor:
     if cu_seqlens is None:
-        return remember_host(to_device(torch.tensor([0, total], dtype=torch.int32), device), [0, total])
+        return int32_on([0, total], device)
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):

@@ -67,7 +67,6 @@ class Varlen:
         layout = cls(q_cu.to(torch.int32).contiguous(),
                      q_pos0.to(q_cu.device, torch.int32).contiguous(), lens, pos0)
         remember_host(layout.q_cu, bounds)
-        layout.register_keys(layout.q_cu, bounds)
         return layout
 
     @property
@@ -92,26 +91,23 @@ class Varlen:
     def tiles_host(self, block: int) -> torch.Tensor:
         """int32 CPU [num_tiles, 2]: (sequence, first row within the sequence) of each tile of
         ``block`` consecutive query rows; tiles never cross a sequence boundary."""
-        key = ("tiles_host", block)
-        if key not in self._cache:
+        def build():
             lens = torch.tensor(self.lens, dtype=torch.int64)
             per_seq = (lens + block - 1) // block
             seq = torch.repeat_interleave(torch.arange(len(self.lens)), per_seq)
             first = torch.repeat_interleave(torch.cumsum(per_seq, 0) - per_seq, per_seq)
             t0 = (torch.arange(seq.numel()) - first) * block
-            self._cache[key] = torch.stack([seq, t0], 1).to(torch.int32)
-        return self._cache[key]
+            return torch.stack([seq, t0], 1).to(torch.int32)
+
+        return self.cached(("tiles_host", block), build)
 
     def tiles(self, block: int) -> torch.Tensor:
         """:meth:`tiles_host` on the layout's device (int32 [num_tiles, 2])."""
-        key = ("tiles", block)
-        if key not in self._cache:
-            self._cache[key] = to_device(self.tiles_host(block), self.device)
-        return self._cache[key]
+        return self.cached(("tiles", block), lambda: to_device(self.tiles_host(block), self.device))
 
     def row_info(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq, pos): int32 [rows] sequence index and position of every query row."""
-        if "rows" not in self._cache:
+        def build():
             counts = torch.tensor(self.lens, dtype=torch.int64)
             shift = torch.tensor(self.pos0, dtype=torch.int64) - (torch.cumsum(counts, 0) - counts)
             counts, shift = to_device(counts, self.device), to_device(shift, self.device)
@@ -120,21 +116,15 @@ class Varlen:
                                           output_size=rows)
             pos = torch.arange(rows, device=self.device) + torch.repeat_interleave(
                 shift, counts, output_size=rows)
-            self._cache["rows"] = (seq.to(torch.int32), pos.to(torch.int32))
-        return self._cache["rows"]
+            return seq.to(torch.int32), pos.to(torch.int32)
 
-    def register_keys(self, k_cu: torch.Tensor, bounds: list) -> None:
-        """Record the host copy ``bounds`` of a key-boundary tensor ``k_cu`` [N+1] used with
-        this layout, so launchers that plan work per key tile never read it back."""
-        self._cache[("k_cu", id(k_cu))] = (k_cu, [int(b) for b in bounds])
+        return self.cached("rows", build)
 
-    def key_bounds(self, k_cu: torch.Tensor) -> list:
-        """Host list of ``k_cu`` (registered, else read back once and remembered)."""
-        entry = self._cache.get(("k_cu", id(k_cu)))
-        if entry is None or entry[0] is not k_cu:
-            self.register_keys(k_cu, host_list(k_cu))
-            entry = self._cache[("k_cu", id(k_cu))]
-        return entry[1]
+
+def int32_on(values: list, device) -> torch.Tensor:
+    """int32 [len(values)] tensor of the ints ``values`` on ``device`` (pinned asynchronous
+    copy), its host copy remembered (``host_cache``), so no reader waits for the device."""
+    return remember_host(to_device(torch.tensor(values, dtype=torch.int32), device), values)
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
