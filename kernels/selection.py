@@ -40,8 +40,6 @@ TILE_OVERRIDE: dict = {}
 # tensor-core block sums with P split into bf16 hi + lo (2^-15) instead of one fp16 dot
 # (2^-11): ~1 ms more at 64k (H100, kernels-2026-11-26-v9-head, --ab scores_split)
 SCORE_SPLIT = False
-# top-n by one bitonic sort per row instead of repeated arg-max passes (same blocks)
-TOPN_BITONIC = False
 # single-pass (fp16) tensor-core block sums: p scaled by 2^P_LOG2 (<= 32768 < 65504), so
 # probabilities down to 2^-39 stay normal fp16 numbers
 P_LOG2 = tl.constexpr(15)
@@ -268,28 +266,10 @@ def _block_scores(Q, KC, LSE, S, TILES, Q_CU, Q_POS0, KC_CU, qk_scale, HQ, HKV, 
 
 
 @triton.jit
-def _bitonic_choice(s, vis, forced, j, NSEL: tl.constexpr, NSEL_P: tl.constexpr,
-                    NB_P: tl.constexpr):
-    """Chosen blocks [ROWS, NB_P] of scores s (>= 0 where visible) by one bitonic top-n: each
-    block becomes one int64 key, its score's bits (non-negative floats order as integers)
-    above its reversed index (so keys are unique and ties go to the lower j), forced blocks
-    above every score, invisible ones -1; the chosen are the keys >= the n-th largest."""
-    if NB_P <= NSEL:
-        chosen = vis
-    else:
-        hi = tl.where(forced, 0x7FFFFFFF, s.to(tl.int32, bitcast=True)).to(tl.int64)
-        key = tl.where(vis, (hi << 32) | (NB_P - 1 - j)[None, :].to(tl.int64), -1)
-        top = tl.topk(key, NSEL_P, dim=1)
-        nth = tl.max(tl.where(tl.arange(0, NSEL_P)[None, :] == NSEL - 1, top, -1), 1)
-        chosen = (key >= nth[:, None]) & (key >= 0)
-    return chosen
-
-
-@triton.jit
 def _top_blocks(S, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
                 SBLOCK: tl.constexpr, NSEL: tl.constexpr, NSEL_P: tl.constexpr,
                 INIT: tl.constexpr, LOCAL: tl.constexpr, ROWS: tl.constexpr,
-                NB_P: tl.constexpr, BITONIC: tl.constexpr):
+                NB_P: tl.constexpr):
     """Top-n of ROWS query rows (rows of S [n_rows, HKV, NB_STRIDE], KV head program_id(1)):
     forced blocks (the first INIT and the last LOCAL visible ones) plus repeated arg-max over
     the other visible blocks, ties to the lower j; ascending block ids, -1 padded, to BI.
@@ -307,9 +287,7 @@ def _top_blocks(S, BI, ROWPOS, n_rows, HKV, row_base, NB_STRIDE,
     base = (rows.to(tl.int64) * HKV + g) * NB_STRIDE
     s = tl.load(S + base[:, None] + j[None, :], mask=vis, other=0.0)
     forced = vis & ((j[None, :] < INIT) | (j[None, :] > cur[:, None] - LOCAL))
-    if BITONIC:
-        sel = _bitonic_choice(s, vis, forced, j, NSEL, NSEL_P, NB_P)
-    elif INIT + LOCAL <= NSEL:
+    if INIT + LOCAL <= NSEL:
         # -2: selected; -1: invisible; -3: consumed by a pass without being selected (NaN)
         key = tl.where(forced, -2.0, tl.where(vis, s, -1.0))
         n_vis = tl.where(r_ok, tl.minimum(cur + 1, NB_P), 0)
@@ -341,16 +319,14 @@ def _top_config(nb_p: int) -> dict:
     """Top-n launch: ROWS rows per program and its warps. On a GPU one warp holds one row
     up to 2048 blocks (NB_P / 32 keys per thread), so each arg-max is a warp-shuffle
     reduction with no shared memory or barrier (local sm_90a compile: 96 registers at
-    NB_P = 1024; two rows per warp need 255 and unroll); BITONIC: one bitonic top-n per row
-    instead of the arg-max passes (same blocks); ``TILE_OVERRIDE`` keys top_rows, top_warps,
-    top_bitonic."""
+    NB_P = 1024; two rows per warp need 255 and unroll); ``TILE_OVERRIDE`` keys top_rows,
+    top_warps. (A bitonic top-n per row measured no faster: kernels-analysis.md round 10.)"""
     if interpreting():
         rows, warps = 4, 4
     else:
         rows, warps = 1, max(1, min(8, nb_p // 2048))
     return dict(ROWS=TILE_OVERRIDE.get("top_rows", rows),
-                num_warps=TILE_OVERRIDE.get("top_warps", warps),
-                BITONIC=bool(TILE_OVERRIDE.get("top_bitonic", TOPN_BITONIC)))
+                num_warps=TILE_OVERRIDE.get("top_warps", warps))
 
 
 def _top_launch(scores, out, row_pos, n_rows, row_a, nb_stride, *, slc_block, topk, init_blocks,

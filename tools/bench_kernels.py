@@ -91,7 +91,6 @@ AB_VARIANTS = {
     "v7_tiles": [("dense", "TILE_OVERRIDE", V7_FWD_TILES)],
     "scores_fp16": [("selection", "TILE_OVERRIDE", {"split": False})],
     "scores_split": [("selection", "TILE_OVERRIDE", {"split": True})],
-    "topn_bitonic": [("selection", "TILE_OVERRIDE", {"top_bitonic": True})],
     "no_local": [("function", "LOCAL_IN_WINDOW", {"shared": False, "independent": False})],
 }
 AB_FWD: list = []  # the names chosen by --ab

@@ -1,7 +1,6 @@
 """Branch launchers on part of a sequence (queries at positions [a, b) against the key prefix),
 as context parallelism and decoding call them: o and log-sum-exp of every branch, block
 scores and selection, each against the float64 reference branch functions."""
-import pytest
 import torch
 
 from nsa_kernels import reference as R
@@ -136,16 +135,11 @@ def test_scores_with_small_tiles_run_unmasked_steps(monkeypatch):
     assert torch.equal(blocks.cpu(), ref_b)
 
 
-@pytest.mark.parametrize("bitonic", [False, True], ids=["argmax", "bitonic"])
-def test_top_blocks_match_reference_with_ties(monkeypatch, bitonic):
+def test_top_blocks_match_reference_with_ties():
     """The top-n kernel alone on given scores: integer scores (many ties, which go to the lower
     block), rows with fewer visible blocks than n, every forced-block count, and forced blocks
-    that outnumber n (the kernel's other path); selections equal reference.select_blocks,
-    by repeated arg-max and by one bitonic top-n."""
-    from nsa_kernels import selection
+    that outnumber n (the kernel's other path); selections equal reference.select_blocks."""
     from nsa_kernels.selection import top_blocks_triton
-
-    monkeypatch.setattr(selection, "TILE_OVERRIDE", {"top_bitonic": bitonic})
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(11)

@@ -24,5 +24,5 @@ def test_with_settings_applies_then_restores_even_on_error():
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        B.with_settings(B.AB_VARIANTS["topn_bitonic"], fail)
+        B.with_settings(B.AB_VARIANTS["scores_split"], fail)
     assert selection.TILE_OVERRIDE is before
